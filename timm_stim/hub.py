@@ -1,0 +1,625 @@
+"""Export Stimulative Training results as plain timm models and push them to the Hugging Face Hub.
+
+An export folder holds ``model.safetensors`` + ``config.json`` in timm's native format (plus a ``README.md`` model
+card and any extra files), so ``timm.create_model('hf-hub:owner/name', pretrained=True)`` rebuilds the model
+without timm_stim: Stimulative Training changes how a network is trained, not its architecture.
+
+CLI, to push an existing checkpoint (or export folder) without training::
+
+    python -m timm_stim.hub push output/train/run/model_best.pth.tar --model resnet18 --num-classes 10 \\
+        --hub-repo-id owner/resnet18-st
+"""
+import argparse
+import ast
+import csv
+import difflib
+import logging
+import math
+import os
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import yaml
+
+import timm
+from timm.models import is_model, save_for_hf, split_model_name_tag
+
+from huggingface_hub import HfApi
+
+try:
+    from huggingface_hub.errors import HfHubHTTPError
+except ImportError:  # older huggingface_hub keep it in utils only
+    from huggingface_hub.utils import HfHubHTTPError
+
+try:
+    from huggingface_hub import constants as hf_constants
+except ImportError:  # pragma: no cover
+    hf_constants = None
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    'HubPushError', 'export_timm_model', 'create_model_card', 'push_folder_to_hub', 'load_checkpoint_into',
+    'is_export_folder', 'main',
+]
+
+WEIGHTS_NAME = 'model.safetensors'
+CONFIG_NAME = 'config.json'
+CARD_NAME = 'README.md'
+EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME)
+DEFAULT_COMMIT_MESSAGE = 'Upload timm model trained with Stimulative Training (timm_stim)'
+_REPO_PART = r'[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?'
+_REPO_ID_RE = re.compile(rf'^{_REPO_PART}/{_REPO_PART}$')
+# training args that are local paths, run bookkeeping or secrets: never written into a public model card
+_PRIVATE_ARGS = {
+    'data', 'data_dir', 'class_map', 'output', 'experiment', 'resume', 'initial_checkpoint', 'pretrained_path',
+    'local_rank', 'rank', 'world_size', 'device', 'checkpoint_hist', 'recovery_interval'}
+_PRIVATE_ARG_RE = re.compile(r'(^|_)(dir|file|wandb|hub|token|secret|password|api_key|key)(_|$)')
+_PATH_VALUE_RE = re.compile(r'^(/|~|\.{1,2}/|[A-Za-z]:\\)|(^|\b)hf_[A-Za-z0-9]{20,}')
+_STIM_ARG_RE = re.compile(r'^(stim|st_)')
+
+
+class HubPushError(RuntimeError):
+    """A push to the Hub failed; the message is one line naming the problem and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------------- export
+
+
+def is_export_folder(path: Union[str, Path]) -> bool:
+    """True if ``path`` is a folder with timm's native weights + config (what ``export_timm_model`` writes)."""
+    path = Path(path)
+    return path.is_dir() and all((path / name).is_file() for name in EXPORT_FILES)
+
+
+def _check_export_target(output_dir: Path) -> None:
+    """Refuse to replace anything but an empty folder or a previous export (e.g. a training output folder)."""
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise FileExistsError(f'export target {output_dir} exists and is not a folder')
+    if any(output_dir.iterdir()) and not (output_dir / CONFIG_NAME).is_file():
+        raise FileExistsError(
+            f'refusing to replace {output_dir}: it is not empty and not a timm export folder; choose another --output')
+
+
+def _swap_into_place(new_dir: Path, output_dir: Path) -> None:
+    """Rename a complete ``new_dir`` to ``output_dir``; an old export is removed only once the new one is there."""
+    if not output_dir.exists():
+        new_dir.rename(output_dir)
+        return
+    old_dir = Path(tempfile.mkdtemp(prefix=f'.{output_dir.name}.old-', dir=output_dir.parent))
+    old_dir.rmdir()
+    output_dir.rename(old_dir)
+    try:
+        new_dir.rename(output_dir)
+    except BaseException:
+        old_dir.rename(output_dir)
+        raise
+    shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def _architecture(model: torch.nn.Module, model_name: str) -> str:
+    """Registered timm architecture of ``model``; checks ``model_name`` agrees so the export rebuilds the same net."""
+    pretrained_cfg = getattr(model, 'pretrained_cfg', None)
+    if not isinstance(pretrained_cfg, dict) or 'architecture' not in pretrained_cfg:
+        raise ValueError(
+            f'cannot export {type(model).__name__}: a plain timm model (from timm.create_model) is needed, '
+            'unwrap any training wrapper first')
+    arch = split_model_name_tag(model_name)[0]
+    if arch != pretrained_cfg['architecture'] or not is_model(arch):
+        raise ValueError(
+            f"model_name '{model_name}' does not match the model's timm architecture "
+            f"'{pretrained_cfg['architecture']}'")
+    return arch
+
+
+def export_timm_model(
+        model: torch.nn.Module,
+        output_dir: Union[str, Path],
+        model_name: str,
+        model_args: Optional[Dict[str, Any]] = None,
+        model_card: Optional[str] = None,
+        extra_files: Optional[Sequence[Union[str, Path]]] = None,
+        data_config: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """Write ``model`` as a plain timm model folder: model.safetensors, config.json, README.md, extra files.
+
+    ``model_args`` are extra reconstruction kwargs for ``timm.create_model`` (timm already records the factory kwargs
+    such as num_classes, img_size, dynamic_img_size). ``extra_files`` (e.g. plots referenced by the card through a
+    relative path) are copied next to the weights. The folder is built beside ``output_dir`` and renamed into place,
+    so a failed export never leaves a half-written folder nor destroys a previous export.
+    """
+    output_dir = Path(output_dir)
+    arch = _architecture(model, model_name)
+    extra_files = [Path(f) for f in (extra_files or [])]
+    for f in extra_files:
+        if not f.is_file():
+            raise FileNotFoundError(f'extra file {f} does not exist')
+        if f.name in (*EXPORT_FILES, CARD_NAME):
+            raise ValueError(f'extra file {f} would overwrite the export\'s own {f.name}')
+    _check_export_target(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f'.{output_dir.name}.tmp-', dir=output_dir.parent))
+    try:
+        save_for_hf(
+            model,
+            str(tmp_dir),
+            model_config={'architecture': arch},
+            model_args=model_args,
+            safe_serialization=True,
+            data_config=data_config,
+        )
+        if model_card is not None:
+            (tmp_dir / CARD_NAME).write_text(model_card, encoding='utf-8')
+        for f in extra_files:
+            shutil.copy2(f, tmp_dir / f.name)
+        if not is_export_folder(tmp_dir):
+            raise RuntimeError(f'export to {tmp_dir} is incomplete')
+        _swap_into_place(tmp_dir, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    _logger.info(f'Exported {arch} to {output_dir}')
+    return output_dir
+
+
+# ------------------------------------------------------------------------------------------------------ model card
+
+
+def _cell(value: Any) -> str:
+    """Format a value for a Markdown table cell."""
+    if isinstance(value, float):
+        text = f'{value:.4f}'.rstrip('0').rstrip('.') if math.isfinite(value) else str(value)
+    elif isinstance(value, (list, tuple)):
+        text = ', '.join(_cell(v) for v in value)
+    else:
+        text = str(value)
+    return text.replace('|', '\\|').replace('\n', ' ')
+
+
+def _table(rows: Dict[str, Any], header: Tuple[str, str]) -> str:
+    lines = [f'| {header[0]} | {header[1]} |', '|---|---|']
+    lines += [f'| {_cell(k)} | {_cell(v)} |' for k, v in rows.items()]
+    return '\n'.join(lines)
+
+
+def create_model_card(
+        model_name: str,
+        repo_id: Optional[str],
+        dataset: str,
+        recipe: Dict[str, Any],
+        stim: Dict[str, Any],
+        metrics: Dict[str, Any],
+        extra_sections: Optional[Sequence[str]] = None,
+        license: Optional[str] = None,
+) -> str:
+    """Markdown model card (README.md) with Hub YAML metadata for a timm model trained with Stimulative Training.
+
+    ``recipe`` are the training args, ``stim`` the ST options, ``metrics`` the final results. ``extra_sections``
+    (Markdown, e.g. a loafing table or a plot referenced by relative path) are appended verbatim.
+    """
+    meta: Dict[str, Any] = {'library_name': 'timm'}
+    if license:
+        meta['license'] = license
+    meta['tags'] = ['image-classification', 'timm', 'stimulative-training']
+    meta['pipeline_tag'] = 'image-classification'
+    front_matter = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    title = repo_id.split('/')[-1] if repo_id else model_name
+    load_name = f'hf-hub:{repo_id}' if repo_id else 'local-dir:/path/to/this/folder'
+
+    sections = [
+        f'---\n{front_matter}---',
+        f'# Model card for {title}',
+        f'A `{model_name}` image classification model trained on {dataset} with Stimulative Training (ST) using '
+        '[timm_stim](https://github.com/huggingface/pytorch-image-models), a plugin for timm.\n\n'
+        'Stimulative Training targets the "loafing" of residual networks: trained jointly, the shallower '
+        'sub-networks a residual network implicitly contains learn less than they could. During training, ST '
+        'samples a random sub-network at each step and trains it to match the full network\'s predictions, in '
+        'addition to the usual loss on the full network. ST only changes how the weights were trained: this '
+        f'repository holds a plain timm `{model_name}`.',
+        '## Model details\n\n' + '\n'.join([
+            f'- **Architecture:** `{model_name}` (timm)',
+            f'- **Dataset:** {dataset}',
+            '- **Training method:** Stimulative Training (NeurIPS 2022, "Stimulative Training of Residual '
+            'Networks: A Social Psychology Perspective of Loafing")',
+        ]),
+    ]
+    if recipe:
+        sections.append('## Training recipe\n\n' + _table(recipe, ('Argument', 'Value')))
+    if stim:
+        sections.append('## Stimulative Training options\n\n' + _table(stim, ('Option', 'Value')))
+    if metrics:
+        sections.append('## Results\n\n' + _table(metrics, ('Metric', 'Value')))
+    sections.append(
+        '## How to load\n\n'
+        '```python\n'
+        'import timm\n'
+        'import torch\n\n'
+        f"model = timm.create_model('{load_name}', pretrained=True)\n"
+        'model = model.eval()\n'
+        'data_config = timm.data.resolve_model_data_config(model)\n'
+        'transforms = timm.data.create_transform(**data_config, is_training=False)\n'
+        'with torch.no_grad():\n'
+        '    logits = model(transforms(img).unsqueeze(0))  # img: a PIL image\n'
+        '```\n\n'
+        '`timm_stim` is **not** needed to load or run this model: `timm` (and `huggingface_hub`) is enough.')
+    sections += [s.strip('\n') for s in (extra_sections or [])]
+    return '\n\n'.join(sections) + '\n'
+
+
+# ------------------------------------------------------------------------------------------------------------ push
+
+
+def _hub_endpoint(api: Optional[HfApi] = None) -> str:
+    endpoint = getattr(api, 'endpoint', None) or getattr(hf_constants, 'ENDPOINT', None)
+    return (endpoint or 'https://huggingface.co').rstrip('/')
+
+
+def _offline() -> bool:
+    is_offline = getattr(hf_constants, 'is_offline_mode', None)
+    return bool(is_offline() if callable(is_offline) else getattr(hf_constants, 'HF_HUB_OFFLINE', False))
+
+
+def check_repo_id(repo_id: str) -> str:
+    """Validate an ``owner/name`` Hub repo id (the owner is required, so nothing lands in an unexpected namespace)."""
+    if not isinstance(repo_id, str) or not _REPO_ID_RE.match(repo_id) or '--' in repo_id or '..' in repo_id:
+        raise ValueError(
+            f"invalid Hub repo id {repo_id!r}: use 'owner/name' (letters, digits, '-', '_', '.'; "
+            "no '--' or '..'), e.g. --hub-repo-id my-user/resnet18-st")
+    return repo_id
+
+
+def retry_command(folder: Union[str, Path], repo_id: str, revision: Optional[str] = None, private: bool = False) -> str:
+    """Shell command that retries a push of an export folder."""
+    cmd = ['python', '-m', 'timm_stim.hub', 'push', str(folder), '--hub-repo-id', repo_id]
+    if revision:
+        cmd += ['--hub-revision', revision]
+    if private:
+        cmd.append('--hub-private')
+    return ' '.join(shlex.quote(c) for c in cmd)
+
+
+def _failure_reason(err: BaseException, endpoint: str, repo_id: str) -> str:
+    """Short description of why a Hub call failed, with a hint on what to do."""
+    response = getattr(err, 'response', None)
+    status = getattr(response, 'status_code', None) if isinstance(err, HfHubHTTPError) else None
+    if status is not None:
+        server_message = getattr(err, 'server_message', None) or ''
+        reason = getattr(response, 'reason_phrase', None) or getattr(response, 'reason', None) or ''
+        text = f'HTTP {status} {reason}'.strip()
+        if server_message:
+            text += f' ({server_message.strip()})'
+        owner = repo_id.split('/')[0]
+        hints = {
+            401: 'check your token: set HF_TOKEN or run `hf auth login`',
+            403: f'the token has no write access to {owner!r}: use a write token or a namespace you own',
+            404: 'repository or revision not found: check --hub-repo-id / --hub-revision and the token',
+            409: 'conflict with the current state of the repository: retry',
+            412: 'the branch moved during the push: retry',
+            429: 'rate limited: wait and retry',
+        }
+        hint = hints.get(status, 'Hub server error: retry later' if status >= 500 else '')
+        return f'{text}; {hint}' if hint else text
+    name = type(err).__name__
+    message = ' '.join(str(err).split()) or name
+    if 'Connect' in name or 'Timeout' in name or isinstance(err, (ConnectionError, TimeoutError)):
+        return f'cannot reach {endpoint} ({message}); check the network or HF_ENDPOINT'
+    return f'{name}: {message}'
+
+
+def _scrub(text: str, secrets: Sequence[Optional[str]]) -> str:
+    """Remove tokens from a message, should an error ever echo one."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, '***')
+    return ' '.join(text.split())
+
+
+def _known_tokens(token: Optional[str]) -> List[Optional[str]]:
+    tokens = [token, os.environ.get('HF_TOKEN'), os.environ.get('HUGGING_FACE_HUB_TOKEN')]
+    try:
+        from huggingface_hub import get_token
+        tokens.append(get_token())
+    except Exception:
+        pass
+    return tokens
+
+
+def push_folder_to_hub(
+        folder: Union[str, Path],
+        repo_id: str,
+        private: bool = False,
+        revision: Optional[str] = None,
+        token: Optional[str] = None,
+        commit_message: str = DEFAULT_COMMIT_MESSAGE,
+) -> str:
+    """Upload an export folder to a Hub model repo (created if missing, ``revision`` branch too); returns its URL.
+
+    The token comes from ``token``, else HF_TOKEN or the saved login (huggingface_hub resolves it) and is never
+    printed. Any failure raises ``HubPushError`` with a one-line message; local files are never modified.
+    """
+    folder = Path(folder)
+    check_repo_id(repo_id)
+    if not is_export_folder(folder):
+        raise ValueError(f'{folder} is not an export folder (needs {" + ".join(EXPORT_FILES)})')
+    retry = retry_command(folder, repo_id, revision=revision, private=private)
+    endpoint = _hub_endpoint()
+    where = f'{endpoint}/{repo_id}' + (f' (revision {revision})' if revision else '')
+    if _offline():
+        raise HubPushError(
+            f'push to {where} not attempted: HF_HUB_OFFLINE is set; unset it and retry with `{retry}`')
+
+    try:
+        api = HfApi(token=token, library_name='timm_stim')
+        endpoint = _hub_endpoint(api)
+        # private=None keeps the namespace's default visibility for new repos
+        repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type='model')
+        repo_id = getattr(repo_url, 'repo_id', None) or repo_id
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type='model')
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            revision=revision,
+            commit_message=commit_message,
+            repo_type='model',
+        )
+    except Exception as err:
+        reason = _failure_reason(err, endpoint, repo_id)
+        message = f'push to {where} failed: {reason}; local files are intact in {folder}; retry with `{retry}`'
+        raise HubPushError(_scrub(message, _known_tokens(token))) from err
+    _logger.info(f"Pushed {folder} to {where}: {getattr(commit, 'commit_url', commit)}")
+    url = f'{endpoint}/{repo_id}'
+    return f'{url}/tree/{revision}' if revision else url
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+
+
+def _read_checkpoint(path: Path) -> Any:
+    if path.suffix == '.safetensors':
+        import safetensors.torch
+        return safetensors.torch.load_file(str(path), device='cpu')
+    try:
+        # timm's train script stores its argparse.Namespace args in checkpoints, allow it without full unpickling
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(str(path), map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f'cannot read checkpoint {path}: {" ".join(str(e).split())[:300]}') from None
+
+
+def _select_state_dict(checkpoint: Any, use_ema: bool, path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Pick the model weights out of a train checkpoint; returns them and the key they came from ('' if bare)."""
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f'checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict of weights')
+    keys = ('state_dict_ema', 'model_ema') if use_ema else ('state_dict', 'model')
+    for key in keys:
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key], key
+    if use_ema:
+        raise ValueError(f'--use-ema: checkpoint {path} has no EMA weights (state_dict_ema / model_ema)')
+    if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint, ''
+    raise ValueError(
+        f'checkpoint {path} has no model weights: expected a state dict or a dict with '
+        f"'state_dict' / 'model' (found keys: {', '.join(map(str, list(checkpoint)[:8]))})")
+
+
+def _clean_keys(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """Strip DDP / torch.compile wrapper prefixes from keys."""
+    prefixes = ('module.', '_orig_mod.')
+    cleaned = {}
+    for key, value in state_dict.items():
+        while key.startswith(prefixes):
+            key = key.split('.', 1)[1]
+        cleaned[key] = value
+    return cleaned
+
+
+def load_checkpoint_into(
+        model: torch.nn.Module,
+        checkpoint_path: Union[str, Path],
+        use_ema: bool = False,
+) -> str:
+    """Load a train checkpoint (or a bare state dict / .safetensors file) into ``model`` with strict key matching.
+
+    Returns the checkpoint key the weights came from ('' for a bare state dict). Raises ``ValueError`` naming the
+    missing / unexpected / mis-shaped keys when the checkpoint doesn't fit the model.
+    """
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f'checkpoint {path} does not exist')
+    state_dict, key = _select_state_dict(_read_checkpoint(path), use_ema, path)
+    state_dict = _clean_keys(state_dict)
+
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mis_shaped = [
+        f'{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
+        if k in state_dict and isinstance(state_dict[k], torch.Tensor) and state_dict[k].shape != v.shape]
+    if missing or unexpected or mis_shaped:
+        def _few(items: List[str]) -> str:
+            return ', '.join(items[:3]) + (f' (+{len(items) - 3} more)' if len(items) > 3 else '')
+        problems = [f'{name}: {_few(items)}' for name, items in (
+            ('missing', missing), ('unexpected', unexpected), ('shape mismatch', mis_shaped)) if items]
+        raise ValueError(
+            f'checkpoint {path} does not match {type(model).__name__}: ' + '; '.join(problems)
+            + '; check --model, --num-classes and --model-kwargs match the training run')
+    model.load_state_dict(state_dict, strict=True)
+    return key
+
+
+# -------------------------------------------------------------------------------------------------------- run files
+
+
+def read_run_files(run_dir: Union[str, Path]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Training args (``args.yaml``) and final metrics (last row of ``summary.csv``) of a timm output folder."""
+    run_dir = Path(run_dir)
+    args: Dict[str, Any] = {}
+    args_file = run_dir / 'args.yaml'
+    if args_file.is_file():
+        loaded = yaml.safe_load(args_file.read_text(encoding='utf-8'))
+        args = loaded if isinstance(loaded, dict) else {}
+    metrics: Dict[str, Any] = {}
+    summary_file = run_dir / 'summary.csv'
+    if summary_file.is_file():
+        with summary_file.open(newline='', encoding='utf-8') as f:
+            rows = list(csv.DictReader(f))
+        if rows:
+            metrics = {k: _number(v) for k, v in rows[-1].items() if k}
+            top1 = [v for v in (_number(r.get('eval_top1')) for r in rows) if isinstance(v, (int, float))]
+            if top1:
+                metrics['best_eval_top1'] = max(top1)
+    return args, metrics
+
+
+def _number(text: str) -> Any:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return text
+    return int(value) if value.is_integer() and '.' not in str(text) else value
+
+
+def split_recipe(args: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Split training args into (recipe, ST options) for a model card, dropping paths, secrets and unset values."""
+    recipe, stim = {}, {}
+    for key, value in args.items():
+        key = str(key)
+        if value is None or value == '' or key in _PRIVATE_ARGS or _PRIVATE_ARG_RE.search(key):
+            continue
+        if isinstance(value, str) and _PATH_VALUE_RE.search(value):
+            continue  # a local path or something token-like under an unexpected name
+        (stim if _STIM_ARG_RE.match(str(key)) else recipe)[key] = value
+    return recipe, stim
+
+
+# ------------------------------------------------------------------------------------------------------------- CLI
+
+
+def _parse_kwargs(items: Sequence[str]) -> Dict[str, Any]:
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key.isidentifier():
+            raise ValueError(f'--model-kwargs expects key=value pairs, got {item!r}')
+        if value.lower() in ('true', 'false'):
+            kwargs[key] = value.lower() == 'true'
+            continue
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return kwargs
+
+
+def _find_checkpoint(source: Path) -> Path:
+    """A checkpoint file, or the best/last checkpoint of a training output folder."""
+    if source.is_file():
+        return source
+    if source.is_dir():
+        for name in ('model_best.pth.tar', 'last.pth.tar', 'checkpoint.pth.tar'):
+            if (source / name).is_file():
+                return source / name
+        raise ValueError(
+            f'{source} is neither an export folder ({" + ".join(EXPORT_FILES)}) nor a training output folder '
+            '(model_best.pth.tar / last.pth.tar)')
+    raise FileNotFoundError(f'{source} does not exist')
+
+
+def _check_model_name(name: Optional[str]) -> str:
+    if not name:
+        raise ValueError('--model is required to push a checkpoint (the timm architecture, e.g. resnet18)')
+    if not is_model(split_model_name_tag(name)[0]):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ''
+        raise ValueError(
+            f"unknown timm model '{name}'{hint}; list names with "
+            "`python -c \"import timm; print(timm.list_models('*pattern*'))\"`")
+    return name
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='python -m timm_stim.hub', description='Export and push timm_stim models to the Hugging Face Hub.')
+    sub = parser.add_subparsers(dest='command', required=True)
+    push = sub.add_parser(
+        'push', help='push a checkpoint (exported as a plain timm model) or an export folder to the Hub')
+    push.add_argument('source', metavar='CHECKPOINT_OR_DIR',
+                      help='train checkpoint (.pth.tar / .pth / .safetensors), training output folder, '
+                           'or an export folder (config.json + model.safetensors), pushed as is')
+    push.add_argument('--model', help='timm architecture of the checkpoint, e.g. resnet18')
+    push.add_argument('--num-classes', type=int, default=None, help='classifier size of the checkpoint')
+    push.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+                      help='extra timm.create_model kwargs, e.g. img_size=64 dynamic_img_size=True')
+    push.add_argument('--hub-repo-id', required=True, help='target Hub model repo, owner/name')
+    push.add_argument('--hub-private', action='store_true', help='create the repo as private')
+    push.add_argument('--hub-revision', default=None, help='branch to push to (created if missing)')
+    push.add_argument('--use-ema', action='store_true', help='export the EMA weights of the checkpoint')
+    push.add_argument('--output', default=None, help='export folder (default: <checkpoint folder>/hf_export)')
+    push.add_argument('--dataset', default=None, help='dataset name for the model card (default: from args.yaml)')
+    push.add_argument('--license', default=None, help='license for the model card metadata, e.g. apache-2.0')
+    push.add_argument('--commit-message', default=DEFAULT_COMMIT_MESSAGE)
+    return parser
+
+
+def _export_checkpoint(args: argparse.Namespace, checkpoint: Path, model_kwargs: Dict[str, Any]) -> Path:
+    output = Path(args.output) if args.output else checkpoint.parent / 'hf_export'
+    _check_export_target(output)
+    try:
+        model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, **model_kwargs)
+    except TypeError as e:
+        raise ValueError(f'cannot create {args.model} with {model_kwargs}: {e}') from None
+    key = load_checkpoint_into(model, checkpoint, use_ema=args.use_ema)
+    print(f"loaded {key or 'weights'} from {checkpoint}", file=sys.stderr)
+
+    run_args, metrics = read_run_files(checkpoint.parent)
+    recipe, stim = split_recipe(run_args)
+    dataset = args.dataset or run_args.get('dataset') or 'an unspecified dataset'
+    card = create_model_card(
+        args.model, args.hub_repo_id, dataset, recipe, stim, metrics, license=args.license)
+    model.eval()
+    return export_timm_model(model, output, args.model, model_card=card)
+
+
+def run_push(args: argparse.Namespace) -> str:
+    """The ``push`` command: validate everything, export the checkpoint if needed, push; returns the repo URL."""
+    check_repo_id(args.hub_repo_id)
+    source = Path(args.source)
+    model_kwargs = _parse_kwargs(args.model_kwargs)
+    if is_export_folder(source):
+        if args.model or args.num_classes or model_kwargs or args.use_ema or args.output:
+            print(f'note: {source} is an export folder, pushing it as is (model options ignored)', file=sys.stderr)
+        folder = source
+    else:
+        checkpoint = _find_checkpoint(source)
+        _check_model_name(args.model)
+        folder = _export_checkpoint(args, checkpoint, model_kwargs)
+        print(f'exported to {folder}', file=sys.stderr)
+    return push_folder_to_hub(
+        folder, args.hub_repo_id, private=args.hub_private, revision=args.hub_revision,
+        commit_message=args.commit_message)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        url = run_push(args)
+    except (HubPushError, ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    print(url)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

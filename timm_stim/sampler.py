@@ -1,0 +1,200 @@
+"""Subnetwork sampling rules of ST and ST++ (see METHOD.md and the README's method card).
+
+A rule is a list K with one entry per stage: stage s drops r_s blocks, r_s uniform on {0..K_s-1},
+always the last r_s skippable blocks of the stage (so every subnet keeps a prefix of each stage).
+
+- `st`: K_s = (skippable blocks of s) + 1, capped so every stage keeps at least one block.
+  ResNet-50 (3/4/6/3): d_s uniform on {1..n_s}, 216 subnets.
+- `st++` (the authors' "space3" inter-stage rule, generalised): the first stage and the last stage
+  that has a skippable block never lose blocks; a middle stage may drop down to 3 blocks, and at least one block if it has a skippable one:
+  r_max = min(m_s, max(1, n_s - 3)). ResNet-50 gives K = 1,2,4,1: d = (3, {3,4}, {3..6}, 3), 8 subnets.
+- a K-list such as `1,2,4,1` (validated against the model's stages).
+- `bernoulli[:p]`: every skippable block is dropped independently with probability p (default 0.5).
+
+Flat models (all skippable blocks in one stage, e.g. ViT) are split into `pseudo_stages` (default 4)
+consecutive groups of near-equal size, and the rules above apply to those groups. ViT-S/12 thus gets
+3/3/3/3: `st` gives 81 subnets, `st++` K = 1,2,2,1 (drops block 6 and/or 9: 4 subnets).
+"""
+from __future__ import annotations
+
+import itertools
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .blocks import BlockLayout, SubnetSpec
+
+__all__ = ['SubnetSampler', 'parse_space', 'space_k_list', 'create_subnet_sampler', 'split_flat_layout']
+
+SpaceLike = Union[str, Sequence[int]]
+
+
+def split_flat_layout(layout: BlockLayout, pseudo_stages: int = 4) -> BlockLayout:
+    """Regroup a flat layout (one stage holds every skippable block) into near-equal pseudo-stages."""
+    stages_with_skips = [s for s, m in enumerate(layout.skippable_sizes) if m > 0]
+    if len(stages_with_skips) != 1 or pseudo_stages <= 1:
+        return layout
+    flat = stages_with_skips[0]
+    idx = layout.stage_indices(flat)
+    groups = min(pseudo_stages, len(idx))
+    new_stage = []
+    for s in range(layout.num_stages):
+        for pos, i in enumerate(layout.stage_indices(s)):
+            if s < flat:
+                new_stage.append((i, s))
+            elif s == flat:
+                new_stage.append((i, s + pos * groups // len(idx)))
+            else:
+                new_stage.append((i, s + groups - 1))
+    stage_of_block = [s for _, s in sorted(new_stage)]
+    return layout.with_stages(stage_of_block)
+
+
+def parse_space(space: SpaceLike) -> Union[str, Tuple[int, ...], Tuple[str, float]]:
+    """Parse 'st', 'st++', 'bernoulli[:p]' or a K-list ('1,2,4,1' or a sequence of ints)."""
+    if isinstance(space, str):
+        text = space.strip().lower()
+        if text in ('st', 'st++'):
+            return text
+        if text.startswith('bernoulli'):
+            _, _, p = text.partition(':')
+            try:
+                prob = float(p) if p else 0.5
+            except ValueError:
+                prob = -1.0
+            if not 0.0 < prob < 1.0:
+                raise ValueError(f"invalid stim space {space!r}: the drop probability must be in (0, 1), "
+                                 f"e.g. 'bernoulli:0.25'.")
+            return ('bernoulli', prob)
+        parts = [p for p in text.replace(' ', '').split(',') if p]
+        if not parts or not all(p.isdigit() for p in parts):
+            raise ValueError(
+                f"invalid stim space {space!r}: use 'st', 'st++', 'bernoulli[:p]' or a K-list of positive "
+                f"integers, one per stage, e.g. '1,2,4,1'.")
+        space = [int(p) for p in parts]
+    k_list = tuple(int(k) for k in space)
+    if not k_list or any(k < 1 for k in k_list):
+        raise ValueError(f'invalid stim space {k_list}: every K must be >= 1 (K_s = 1 means stage s never '
+                         f'loses a block).')
+    return k_list
+
+
+def space_k_list(layout: BlockLayout, space: SpaceLike) -> Optional[Tuple[int, ...]]:
+    """The per-stage K-list a space means on `layout` (None for the Bernoulli rule); validates K-lists."""
+    parsed = parse_space(space)
+    n, m = layout.stage_sizes, layout.skippable_sizes
+    last = max(s for s, m_s in enumerate(m) if m_s > 0)  # trailing stages without skips (class attention) don't count
+    if parsed == 'st':
+        return tuple(1 + min(m_s, n_s - 1) for n_s, m_s in zip(n, m))
+    if parsed == 'st++':
+        k = []
+        for s, (n_s, m_s) in enumerate(zip(n, m)):
+            r_max = 0 if s in (0, last) else min(m_s, max(1, n_s - 3))
+            k.append(1 + r_max)
+        return tuple(k)
+    if isinstance(parsed, tuple) and parsed and parsed[0] == 'bernoulli':
+        return None
+    k_list = parsed
+    if len(k_list) != layout.num_stages:
+        raise ValueError(
+            f"stim space K={','.join(map(str, k_list))} has {len(k_list)} entries but {layout.model_name} has "
+            f"{layout.num_stages} stages ({'/'.join(map(str, n))} blocks); give one K per stage.")
+    for s, (k_s, n_s, m_s) in enumerate(zip(k_list, n, m)):
+        if k_s - 1 > min(m_s, n_s - 1):
+            raise ValueError(
+                f"stim space K={','.join(map(str, k_list))} does not fit {layout.model_name}: stage {s + 1} has "
+                f"{n_s} blocks of which {m_s} can be skipped, so K_{s + 1} must be in 1..{1 + min(m_s, n_s - 1)} "
+                f"(got {k_s}).")
+    return k_list
+
+
+class SubnetSampler:
+    """Seeded, resumable sampler of residual subnetworks under an ST / ST++ / K-list / Bernoulli rule.
+
+    Args:
+        layout: residual-block layout of the model (`find_residual_blocks`).
+        space: 'st', 'st++', 'bernoulli[:p]' or a K-list.
+        seed: base seed of the sampler's own generator (independent of the global RNG).
+        rank: process rank; only used when `per_rank` is True.
+        per_rank: sample independent subnets on every rank (default: the same subnets on all ranks).
+        pseudo_stages: groups a flat model's blocks are split into (see module docstring).
+    """
+
+    def __init__(
+            self,
+            layout: BlockLayout,
+            space: SpaceLike = 'st++',
+            seed: int = 0,
+            rank: int = 0,
+            per_rank: bool = False,
+            pseudo_stages: int = 4,
+    ):
+        self.layout = split_flat_layout(layout, pseudo_stages)
+        self.space = space
+        parsed = parse_space(space)
+        self.drop_prob = parsed[1] if isinstance(parsed, tuple) and parsed and parsed[0] == 'bernoulli' else None
+        self.k_list = space_k_list(self.layout, space)
+        self.seed = int(seed) + (7919 * int(rank) if per_rank else 0)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self._skippable_suffix = [
+            [i for i in self.layout.stage_indices(s) if self.layout.blocks[i].skippable]
+            for s in range(self.layout.num_stages)
+        ]
+
+    def sample(self) -> SubnetSpec:
+        keep = [True] * len(self.layout.blocks)
+        if self.drop_prob is not None:
+            drops = torch.rand(len(keep), generator=self.generator) < self.drop_prob
+            for i, b in enumerate(self.layout.blocks):
+                keep[i] = not (b.skippable and bool(drops[i]))
+            return SubnetSpec(tuple(keep))
+        for skippable, k in zip(self._skippable_suffix, self.k_list):
+            r = int(torch.randint(k, (1,), generator=self.generator)) if k > 1 else 0
+            for i in skippable[len(skippable) - r:] if r else []:
+                keep[i] = False
+        return SubnetSpec(tuple(keep))
+
+    def support(self) -> List[SubnetSpec]:
+        """Every subnet the rule can produce (for K-list rules; Bernoulli enumerates all keep-masks)."""
+        if self.drop_prob is not None:
+            choices = [(True, False) if b.skippable else (True,) for b in self.layout.blocks]
+            return [SubnetSpec(keep) for keep in itertools.product(*choices)]
+        out = []
+        for combo in itertools.product(*(range(k) for k in self.k_list)):
+            keep = [True] * len(self.layout.blocks)
+            for skippable, r in zip(self._skippable_suffix, combo):
+                for i in skippable[len(skippable) - r:] if r else []:
+                    keep[i] = False
+            out.append(SubnetSpec(tuple(keep)))
+        return out
+
+    def depths(self, spec: SubnetSpec) -> Tuple[int, ...]:
+        """Blocks run per (pseudo-)stage."""
+        return self.layout.depths(spec)
+
+    def expected_kept_fraction(self) -> float:
+        """Expected fraction of residual blocks a sampled subnet runs."""
+        if self.drop_prob is not None:
+            return 1.0 - self.drop_prob * self.layout.num_skippable / len(self.layout.blocks)
+        dropped = sum((k - 1) / 2 for k in self.k_list)
+        return 1.0 - dropped / len(self.layout.blocks)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {'seed': self.seed, 'space': str(self.space), 'generator': self.generator.get_state()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if str(state.get('space')) != str(self.space):
+            raise ValueError(f"sampler state was saved for stim space {state.get('space')!r} but this run uses "
+                             f"{self.space!r}; resume with the same --stim-space.")
+        self.seed = state['seed']
+        self.generator.set_state(state['generator'])
+
+    def __repr__(self) -> str:
+        rule = f'bernoulli:{self.drop_prob}' if self.drop_prob is not None else 'K=' + ','.join(map(str, self.k_list))
+        return f'SubnetSampler({self.space!r}, {rule}, stages={self.layout.stage_sizes})'
+
+
+def create_subnet_sampler(layout: BlockLayout, space: SpaceLike = 'st++', **kwargs) -> SubnetSampler:
+    """Factory mirroring timm's `create_*` style."""
+    return SubnetSampler(layout, space, **kwargs)

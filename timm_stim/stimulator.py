@@ -1,0 +1,227 @@
+"""The functional core of Stimulative Training: usable in any training loop.
+
+    stimulator = create_stimulator(model, create_stim_config('st++'))
+    out = stimulative_forward(model, input, target, criterion, stimulator)
+    out['loss'].backward()
+
+`stimulative_forward` runs the full network, the main criterion, M sampled subnetworks (each on the
+same batch resized to its own random size) and the stim loss between each subnet's logits and the
+detached full-network logits: loss = main + weight * sum_k stim_k.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .blocks import BlockLayout, SubnetSpec, _default_input_size, find_residual_blocks, subnet
+from .bn import frozen_bn_stats
+from .losses import StimLoss
+from .sampler import SubnetSampler
+from .sizes import SizeSampler, SmallerInputsError, check_smaller_inputs, resize_batch, size_multiple
+
+__all__ = ['StimConfig', 'STIM_PRESETS', 'create_stim_config', 'Stimulator', 'create_stimulator',
+           'stimulative_forward']
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StimConfig:
+    """Options of stimulative training (names mirror train_stim.py's --stim-* flags)."""
+    space: str = 'st++'             # 'st', 'st++', 'bernoulli[:p]' or a K-list '1,2,4,1'
+    loss: str = 'kl-'               # 'kl' (ST) or 'kl-' (ST++)
+    weight: float = 1.0             # lambda, per subnet (losses of the M subnets are summed, not averaged)
+    temperature: float = 1.0
+    amplitude: float = 1.0          # A of the KL- standardization
+    num_subnets: int = 1            # M
+    min_scale: float = 0.43         # smallest subnet input size as a fraction of the training size; 1 = off
+    sizes: Optional[Sequence[int]] = None  # fixed subnet input sizes instead of the uniform range
+    bn: str = 'freeze'              # 'freeze': subnet passes leave BN running stats alone; 'update': they don't
+    standardize_main: Optional[bool] = None  # main criterion on standardized logits; default: loss == 'kl-'
+    per_rank: bool = False          # independent subnets per rank (default: the same on every rank)
+    seed: int = 0
+    pseudo_stages: int = 4          # groups a flat (ViT) model is split into for the ST/ST++ rules
+    size_fallback: bool = False     # models that cannot take smaller inputs train subnets at full size
+    memory_lean: bool = False       # free each subnet's graph before the next (see Stimulator.subnet_loss)
+
+    def __post_init__(self):
+        if self.num_subnets < 1:
+            raise ValueError(f'stim subnets must be >= 1 (got {self.num_subnets}); use --stim none to train plainly.')
+        if self.bn not in ('freeze', 'update'):
+            raise ValueError(f"stim bn must be 'freeze' or 'update' (got {self.bn!r}).")
+        if not 0.0 < self.min_scale <= 1.0:
+            raise ValueError(f'stim min scale must be in (0, 1] (got {self.min_scale}); 1 turns smaller inputs '
+                             f'off, the ST++ default is 0.43.')
+        if self.weight < 0:
+            raise ValueError(f'stim weight must be >= 0 (got {self.weight}).')
+        if self.standardize_main is None:
+            self.standardize_main = self.loss == 'kl-'
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d['sizes'] = list(self.sizes) if self.sizes else None
+        return d
+
+
+STIM_PRESETS: Dict[str, Dict[str, Any]] = {
+    'st': dict(space='st', loss='kl', min_scale=1.0),       # NeurIPS 2022: uniform depth, KL, full size
+    'st++': dict(space='st++', loss='kl-', min_scale=0.43),  # arXiv 2305.02507: inter-stage rule, KL-, smaller inputs
+}
+
+
+def create_stim_config(preset: str = 'st++', **overrides) -> StimConfig:
+    """A StimConfig from a preset ('st' or 'st++') with overrides; None-valued overrides are ignored."""
+    if preset not in STIM_PRESETS:
+        raise ValueError(f"unknown stim preset {preset!r}: use one of {sorted(STIM_PRESETS)} (or 'none' in "
+                         f"train_stim.py to train plainly).")
+    kwargs = dict(STIM_PRESETS[preset])
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    if kwargs.get('loss') == 'kl' and 'standardize_main' not in overrides:
+        kwargs['standardize_main'] = False
+    return StimConfig(**kwargs)
+
+
+class Stimulator:
+    """Everything a step needs to train subnetworks of one model: layout, samplers and the loss.
+
+    Built once at set-up: discovers the residual blocks, builds the sampler and the size sampler, and
+    checks (one dry forward) that the model takes the smaller inputs before any training starts.
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            config: StimConfig,
+            layout: Optional[BlockLayout] = None,
+            blocks: Optional[Sequence[str]] = None,
+            full_size: Optional[int] = None,
+            rank: int = 0,
+    ):
+        self.config = config
+        self.loss_fn = StimLoss(config.loss, config.temperature, config.amplitude)  # validates before any work
+        if layout is None:
+            input_size = None if full_size is None else (
+                _default_input_size(model)[0], int(full_size), int(full_size))
+            layout = find_residual_blocks(model, blocks=blocks, input_size=input_size)
+        self.sampler = SubnetSampler(layout, config.space, seed=config.seed, rank=rank,
+                                     per_rank=config.per_rank, pseudo_stages=config.pseudo_stages)
+        self.layout = self.sampler.layout
+        self.full_size = int(full_size or _default_input_size(model)[1])
+        size_seed = config.seed + 1 + (7919 * rank if config.per_rank else 0)
+        self.size_sampler = SizeSampler(self.full_size, config.min_scale, config.sizes, size_multiple(model), size_seed)
+        if self.size_sampler.enabled:
+            try:
+                check_smaller_inputs(model, self.size_sampler.sizes, self.full_size)
+            except SmallerInputsError as e:
+                if not config.size_fallback:
+                    raise
+                _logger.warning(f'{e} Falling back to full-size subnet inputs.')
+                self.size_sampler = SizeSampler(self.full_size, 1.0, seed=size_seed)
+        self.enabled = True
+
+    def main_logits(self, output: torch.Tensor) -> torch.Tensor:
+        """Logits the main criterion sees: standardized under KL- when the recipe says so (authors' code)."""
+        if self.enabled and self.config.standardize_main and self.loss_fn.standardizes:
+            return self.loss_fn.transform(output)
+        return output
+
+    def sample(self, num: Optional[int] = None) -> List[Tuple[SubnetSpec, int]]:
+        """Draw (subnet, input size) for each of the step's M subnets."""
+        return [(self.sampler.sample(), self.size_sampler.sample()) for _ in range(num or self.config.num_subnets)]
+
+    def subnet_loss(
+            self,
+            model: nn.Module,
+            input: torch.Tensor,
+            teacher_logits: torch.Tensor,
+            draws: Optional[List[Tuple[SubnetSpec, int]]] = None,
+            grad_multiplier: float = 1.0,
+    ) -> Tuple[torch.Tensor, List[Tuple[SubnetSpec, int]]]:
+        """Sum of the M subnets' stim losses against the detached full-network logits.
+
+        With `config.memory_lean`, each subnet's gradients are computed right away with
+        `torch.autograd.grad` and added to `.grad` (times `grad_multiplier`: the AMP loss scale divided by
+        the gradient-accumulation steps, i.e. what the caller applies to the loss before backward), so only
+        one subnet graph is alive at a time; the returned loss is then detached and only the full network's
+        loss is back-propagated. `autograd.grad` does not accumulate into `.grad`, so DDP's gradient hooks
+        fire only during that one backward, which all-reduces the sum.
+        """
+        draws = draws if draws is not None else self.sample()
+        teacher = teacher_logits.detach()
+        bn_ctx = frozen_bn_stats if self.config.bn == 'freeze' else (lambda m: nullcontext())
+        params = [p for p in model.parameters() if p.requires_grad] if self.config.memory_lean else None
+        total = teacher.new_zeros((), dtype=torch.float32)
+        for spec, size in draws:
+            with subnet(model, self.layout, spec), bn_ctx(model):
+                loss = self.loss_fn(model(resize_batch(input, size)), teacher)
+            if params is not None and loss.requires_grad:
+                grads = torch.autograd.grad(loss * (self.config.weight * grad_multiplier), params, allow_unused=True)
+                for p, g in zip(params, grads):
+                    if g is None:
+                        continue
+                    if p.grad is None:
+                        p.grad = g.detach()
+                    else:
+                        p.grad.add_(g)
+                loss = loss.detach()
+            total = total + loss
+        return total, draws
+
+    def depth_summary(self, draws: List[Tuple[SubnetSpec, int]]) -> Dict[str, float]:
+        """Mean kept-block fraction and mean input size of a step's subnets (for logging)."""
+        n = len(self.layout.blocks)
+        return {
+            'depth_frac': sum(sum(s.keep) for s, _ in draws) / (n * len(draws)),
+            'size': sum(sz for _, sz in draws) / len(draws),
+        }
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {'sampler': self.sampler.state_dict(), 'size_sampler': self.size_sampler.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state['sampler'])
+        self.size_sampler.load_state_dict(state['size_sampler'])
+
+    def __repr__(self) -> str:
+        return f'Stimulator({self.sampler}, {self.size_sampler}, {self.loss_fn}, M={self.config.num_subnets})'
+
+
+def create_stimulator(model: nn.Module, config: Optional[StimConfig] = None, **kwargs) -> Stimulator:
+    """Factory: a Stimulator for `model` (default config: ST++ with one subnet)."""
+    return Stimulator(model, config or create_stim_config('st++'), **kwargs)
+
+
+def stimulative_forward(
+        model: nn.Module,
+        input: torch.Tensor,
+        target: torch.Tensor,
+        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        stimulator: Optional[Stimulator],
+        draws: Optional[List[Tuple[SubnetSpec, int]]] = None,
+        grad_multiplier: float = 1.0,
+) -> Dict[str, Any]:
+    """One stimulative training forward: full net + criterion + M subnets + stim loss.
+
+    Returns a dict with 'loss' (to back-propagate), 'output' (full-network logits), 'main_loss',
+    'stim_loss', and 'draws' ((SubnetSpec, input size) per subnet). With `stimulator` None or disabled
+    it is plain training.
+    """
+    output = model(input)
+    if stimulator is None or not stimulator.enabled:
+        loss = criterion(output, target)
+        return {'loss': loss, 'output': output, 'main_loss': loss.detach(), 'draws': []}
+    main_loss = criterion(stimulator.main_logits(output), target)
+    stim_loss, draws = stimulator.subnet_loss(model, input, output, draws, grad_multiplier)
+    loss = main_loss + stimulator.config.weight * stim_loss
+    return {
+        'loss': loss,
+        'output': output,
+        'main_loss': main_loss.detach(),
+        'stim_loss': stim_loss.detach(),
+        'draws': draws,
+    }
