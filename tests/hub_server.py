@@ -54,12 +54,20 @@ class Repo:
 class HubError(Exception):
     """An HTTP error answer, with the Hub's ``X-Error-Code`` header when the client dispatches on it."""
 
-    def __init__(self, status: int, message: str, code: Optional[str] = None, commit: Optional[str] = None):
+    def __init__(
+            self,
+            status: int,
+            message: str,
+            code: Optional[str] = None,
+            commit: Optional[str] = None,
+            extra: Optional[Dict[str, Any]] = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.commit = commit
+        self.extra = extra or {}
 
 
 class HubState:
@@ -70,6 +78,7 @@ class HubState:
         self.repos: Dict[str, Repo] = {}
         self.requests: List[Tuple[str, str]] = []  # (method, path)
         self.auth_headers: List[str] = []
+        self.user_agents: List[str] = []
         self.fail_mode: Optional[str] = None
         self.fail_status = 500
         self._counter = 0
@@ -149,7 +158,8 @@ class _Handler(BaseHTTPRequestHandler):
             headers['X-Error-Code'] = err.code
         if err.commit:
             headers['X-Repo-Commit'] = err.commit
-        self._send(err.status, json.dumps({'error': err.message}).encode(), headers, head=head)
+        body = json.dumps({'error': err.message, **err.extra}).encode()
+        self._send(err.status, body, headers, head=head)
 
     def _dispatch(self, method: str) -> None:
         state = self.state
@@ -159,6 +169,8 @@ class _Handler(BaseHTTPRequestHandler):
             state.requests.append((method, url.path))
             if self.headers.get('Authorization'):
                 state.auth_headers.append(self.headers['Authorization'])
+            if self.headers.get('User-Agent'):
+                state.user_agents.append(self.headers['User-Agent'])
             fail_mode, fail_status = state.fail_mode, state.fail_status
         is_commit = method == 'POST' and '/commit/' in url.path
         if fail_mode == 'all' or (fail_mode == 'commit' and is_commit):
@@ -180,6 +192,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._validate_yaml(self._json(body))
         if method == 'GET' and path == '/api/whoami-v2':
             return self._whoami()
+        if method == 'GET' and path == '/api/agent-harnesses':  # huggingface_hub 2.x user-agent telemetry
+            return self._send_json({'standardEnvVars': [], 'harnesses': {}})
         if len(parts) >= 4 and parts[0] == 'api' and parts[1] == 'models':
             repo = self._repo('/'.join(parts[2:4]))
             rest = [unquote(p) for p in parts[4:]]
@@ -227,7 +241,8 @@ class _Handler(BaseHTTPRequestHandler):
         repo_id = f"{payload.get('organization') or USER}/{payload['name']}"
         url = f'{self._base_url()}/{repo_id}'
         if repo_id in self.state.repos:
-            raise HubError(409, 'You already created this model repo')
+            # the client reads the url of the existing repo from the 409 answer when exist_ok=True
+            raise HubError(409, 'You already created this model repo', extra={'url': url})
         private = bool(payload.get('private')) or payload.get('visibility') == 'private'
         repo = Repo(repo_id=repo_id, private=private)
         commit = self.state.new_commit(repo, {'.gitattributes': GITATTRIBUTES}, 'initial commit', None)

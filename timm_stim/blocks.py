@@ -317,6 +317,15 @@ def _identity_forward(self, *args, **kwargs):
     return _first_input(args, kwargs)
 
 
+def _new_unskipped(cls: type):
+    return cls.__new__(cls)
+
+
+def _reduce_as_original(self, protocol):
+    """Copies and pickles of a skipped block are the original block: the skip belongs to the context only."""
+    return _new_unskipped, (type(self).__bases__[0],), self.__dict__
+
+
 def _skipped_class(cls: type) -> type:
     """A cached subclass of `cls` whose forward is the identity.
 
@@ -325,7 +334,8 @@ def _skipped_class(cls: type) -> type:
     """
     skipped = _SKIP_CLASSES.get(cls)
     if skipped is None:
-        skipped = type(f'Skipped{cls.__name__}', (cls,), {'forward': _identity_forward, '__module__': __name__})
+        skipped = type(f'Skipped{cls.__name__}', (cls,), {
+            'forward': _identity_forward, '__reduce_ex__': _reduce_as_original, '__module__': __name__})
         _SKIP_CLASSES[cls] = skipped
     return skipped
 
@@ -361,7 +371,9 @@ def subnet(model: nn.Module, layout: BlockLayout, spec: SpecLike) -> Iterator[Su
 
     `spec` is a SubnetSpec, a per-stage depth vector (prefix rule) or a per-block keep-mask. Skipped
     blocks do no compute and get no gradient. The original classes are restored on exit, exceptions
-    included, so outside the context the model is exactly the original.
+    included, so outside the context the model is exactly the original (a deepcopy or pickle taken
+    inside it is the full model too). With gradient checkpointing, run the subnet's backward inside the
+    context: checkpointed blocks are recomputed during backward and must still be skipped then.
     """
     resolved = resolve_spec(layout, spec)
     swapped: List[Tuple[nn.Module, type]] = []

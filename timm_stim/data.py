@@ -25,7 +25,7 @@ DIGITS_SPLIT_SEED = 42  # seed of the fixed train / validation split (numpy Rand
 DIGITS_VAL_FRACTION = 0.2  # per class, round(0.2 * n) samples go to validation -> 1438 train / 359 validation
 
 _TRAIN_SPLITS = ('train', 'training')
-_VAL_SPLITS = ('validation', 'val', 'valid', 'eval', 'evaluation', 'test')
+_VAL_SPLITS = ('validation', 'val', 'valid', 'eval', 'evaluation')
 
 # Data config for digits at 32x32. mean / std are per-pixel statistics of the *upsampled training split*
 # (img_size=32, pixel values / 255, all RGB channels are equal), computed once with:
@@ -49,7 +49,7 @@ class DataConfigError(ValueError):
 
 
 def _norm_split(split: str) -> str:
-    s = split.split('[')[0].lower()
+    s = split.lower()
     if s in _TRAIN_SPLITS:
         return 'train'
     if s in _VAL_SPLITS:
@@ -93,7 +93,7 @@ def _upsampled(split: str, img_size: int) -> Tuple[np.ndarray, np.ndarray]:
     idx = digits_split_indices(split)
     resample = Image.Resampling.BILINEAR
     up = np.stack([
-        np.asarray(Image.fromarray(images[i], mode='L').resize((img_size, img_size), resample))
+        np.asarray(Image.fromarray(images[i]).resize((img_size, img_size), resample))
         for i in idx])
     lab = labels[idx]
     up.setflags(write=False)
@@ -134,7 +134,7 @@ class DigitsDataset(torch.utils.data.Dataset):
         return len(self._labels)
 
     def __getitem__(self, index: int):
-        img = Image.fromarray(self._images[index], mode='L').convert('RGB')
+        img = Image.fromarray(self._images[index]).convert('RGB')
         target = int(self._labels[index])
         if self.transform is not None:
             img = self.transform(img)

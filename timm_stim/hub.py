@@ -11,8 +11,10 @@ CLI, to push an existing checkpoint (or export folder) without training::
 """
 import argparse
 import ast
+import contextlib
 import csv
 import difflib
+import json
 import logging
 import math
 import os
@@ -20,7 +22,7 @@ import re
 import shlex
 import shutil
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -30,29 +32,27 @@ import yaml
 import timm
 from timm.models import is_model, save_for_hf, split_model_name_tag
 
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, constants as hf_constants, get_token
 
 try:
     from huggingface_hub.errors import HfHubHTTPError
 except ImportError:  # older huggingface_hub keep it in utils only
     from huggingface_hub.utils import HfHubHTTPError
 
-try:
-    from huggingface_hub import constants as hf_constants
-except ImportError:  # pragma: no cover
-    hf_constants = None
-
 _logger = logging.getLogger(__name__)
 
 __all__ = [
     'HubPushError', 'export_timm_model', 'create_model_card', 'push_folder_to_hub', 'load_checkpoint_into',
-    'is_export_folder', 'main',
+    'is_export_folder', 'check_repo_id', 'retry_command', 'read_run_files', 'split_recipe', 'data_config_from_args',
+    'main',
 ]
 
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
 CARD_NAME = 'README.md'
 EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME)
+# pretrained_cfg fields describing the architecture's default (e.g. ImageNet) weights, not the exported ones
+_SOURCE_WEIGHT_FIELDS = ('tag', 'license', 'description', 'origin_url', 'paper_name', 'paper_ids', 'notes')
 DEFAULT_COMMIT_MESSAGE = 'Upload timm model trained with Stimulative Training (timm_stim)'
 _REPO_PART = r'[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?'
 _REPO_ID_RE = re.compile(rf'^{_REPO_PART}/{_REPO_PART}$')
@@ -79,7 +79,7 @@ def is_export_folder(path: Union[str, Path]) -> bool:
 
 
 def _check_export_target(output_dir: Path) -> None:
-    """Refuse to replace anything but an empty folder or a previous export (e.g. a training output folder)."""
+    """Only an empty folder or a previous export may be replaced, never e.g. a training output folder."""
     if not output_dir.exists():
         return
     if not output_dir.is_dir():
@@ -89,13 +89,17 @@ def _check_export_target(output_dir: Path) -> None:
             f'refusing to replace {output_dir}: it is not empty and not a timm export folder; choose another --output')
 
 
+def _sibling(path: Path, kind: str) -> Path:
+    """Unused hidden path next to ``path`` (same filesystem, so renames are atomic)."""
+    return path.parent / f'.{path.name}.{kind}-{uuid.uuid4().hex[:8]}'
+
+
 def _swap_into_place(new_dir: Path, output_dir: Path) -> None:
     """Rename a complete ``new_dir`` to ``output_dir``; an old export is removed only once the new one is there."""
     if not output_dir.exists():
         new_dir.rename(output_dir)
         return
-    old_dir = Path(tempfile.mkdtemp(prefix=f'.{output_dir.name}.old-', dir=output_dir.parent))
-    old_dir.rmdir()
+    old_dir = _sibling(output_dir, 'old')
     output_dir.rename(old_dir)
     try:
         new_dir.rename(output_dir)
@@ -120,6 +124,24 @@ def _architecture(model: torch.nn.Module, model_name: str) -> str:
     return arch
 
 
+def _drop_source_weight_fields(config_file: Path) -> None:
+    """Remove metadata of the architecture's default weights that timm copies into config.json."""
+    config = json.loads(config_file.read_text(encoding='utf-8'))
+    pretrained_cfg = config.get('pretrained_cfg', {})
+    for key in _SOURCE_WEIGHT_FIELDS:
+        pretrained_cfg.pop(key, None)
+    config_file.write_text(json.dumps(config, indent=2), encoding='utf-8')
+
+
+def _default_data_config(model: torch.nn.Module) -> Optional[Dict[str, Any]]:
+    """Preprocessing size for a model built with an explicit img_size: the size it was (most likely) trained at.
+
+    timm keeps the architecture default (e.g. 224) as the recommended input of flexible models otherwise.
+    """
+    img_size = getattr(model, '_model_args', {}).get('img_size')
+    return {'img_size': img_size} if img_size is not None else None
+
+
 def export_timm_model(
         model: torch.nn.Module,
         output_dir: Union[str, Path],
@@ -133,11 +155,15 @@ def export_timm_model(
 
     ``model_args`` are extra reconstruction kwargs for ``timm.create_model`` (timm already records the factory kwargs
     such as num_classes, img_size, dynamic_img_size). ``extra_files`` (e.g. plots referenced by the card through a
-    relative path) are copied next to the weights. The folder is built beside ``output_dir`` and renamed into place,
-    so a failed export never leaves a half-written folder nor destroys a previous export.
+    relative path) are copied next to the weights. ``data_config`` is the preprocessing used in training
+    (input_size / img_size, mean, std, crop_pct, interpolation), recorded so ``resolve_model_data_config`` returns it;
+    it defaults to the model's img_size when it was built with one. The folder is built beside ``output_dir`` and
+    renamed into place, so a failed export never leaves a half-written folder nor destroys a previous export.
     """
     output_dir = Path(output_dir)
     arch = _architecture(model, model_name)
+    # None means 'unset' (as for timm.create_model kwargs), not a value to record and check against the model
+    model_args = {k: v for k, v in (model_args or {}).items() if v is not None}
     extra_files = [Path(f) for f in (extra_files or [])]
     for f in extra_files:
         if not f.is_file():
@@ -147,7 +173,8 @@ def export_timm_model(
     _check_export_target(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
 
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f'.{output_dir.name}.tmp-', dir=output_dir.parent))
+    tmp_dir = _sibling(output_dir, 'tmp')
+    tmp_dir.mkdir()
     try:
         save_for_hf(
             model,
@@ -155,8 +182,9 @@ def export_timm_model(
             model_config={'architecture': arch},
             model_args=model_args,
             safe_serialization=True,
-            data_config=data_config,
+            data_config=data_config if data_config is not None else _default_data_config(model),
         )
+        _drop_source_weight_fields(tmp_dir / CONFIG_NAME)
         if model_card is not None:
             (tmp_dir / CARD_NAME).write_text(model_card, encoding='utf-8')
         for f in extra_files:
@@ -203,9 +231,11 @@ def create_model_card(
 ) -> str:
     """Markdown model card (README.md) with Hub YAML metadata for a timm model trained with Stimulative Training.
 
-    ``recipe`` are the training args, ``stim`` the ST options, ``metrics`` the final results. ``extra_sections``
-    (Markdown, e.g. a loafing table or a plot referenced by relative path) are appended verbatim.
+    ``recipe`` are the training args, ``stim`` the ST options, ``metrics`` the final results; local paths and
+    secrets among the args are left out of the (public) card. ``extra_sections`` (Markdown, e.g. a loafing table or
+    a plot referenced by relative path) are appended verbatim.
     """
+    recipe, stim = _public_args(recipe or {}), _public_args(stim or {})
     meta: Dict[str, Any] = {'library_name': 'timm'}
     if license:
         meta['license'] = license
@@ -219,7 +249,8 @@ def create_model_card(
         f'---\n{front_matter}---',
         f'# Model card for {title}',
         f'A `{model_name}` image classification model trained on {dataset} with Stimulative Training (ST) using '
-        '[timm_stim](https://github.com/huggingface/pytorch-image-models), a plugin for timm.\n\n'
+        '`timm_stim`, a Stimulative Training plugin for [timm](https://github.com/huggingface/pytorch-image-models).'
+        '\n\n'
         'Stimulative Training targets the "loafing" of residual networks: trained jointly, the shallower '
         'sub-networks a residual network implicitly contains learn less than they could. During training, ST '
         'samples a random sub-network at each step and trains it to match the full network\'s predictions, in '
@@ -266,6 +297,22 @@ def _hub_endpoint(api: Optional[HfApi] = None) -> str:
 def _offline() -> bool:
     is_offline = getattr(hf_constants, 'is_offline_mode', None)
     return bool(is_offline() if callable(is_offline) else getattr(hf_constants, 'HF_HUB_OFFLINE', False))
+
+
+def _saved_token() -> Optional[str]:
+    """HF_TOKEN or the token saved by ``hf auth login``, as huggingface_hub resolves it."""
+    try:
+        return get_token()
+    except Exception:
+        return None
+
+
+def check_can_push(token: Optional[str] = None) -> None:
+    """Fail early, before any export work, when a push cannot succeed: offline mode or no token at all."""
+    if _offline():
+        raise HubPushError('HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to push to the Hub')
+    if not token and not _saved_token():
+        raise HubPushError('no Hugging Face token found: set HF_TOKEN to a write token or run `hf auth login`')
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -323,14 +370,17 @@ def _scrub(text: str, secrets: Sequence[Optional[str]]) -> str:
     return ' '.join(text.split())
 
 
-def _known_tokens(token: Optional[str]) -> List[Optional[str]]:
-    tokens = [token, os.environ.get('HF_TOKEN'), os.environ.get('HUGGING_FACE_HUB_TOKEN')]
+def _library_version() -> str:
+    """timm_stim version for the Hub client's user agent."""
     try:
-        from huggingface_hub import get_token
-        tokens.append(get_token())
+        from importlib.metadata import version
+        return version('timm_stim')
     except Exception:
-        pass
-    return tokens
+        return str(getattr(sys.modules.get('timm_stim'), '__version__', 'unknown'))
+
+
+def _known_tokens(token: Optional[str]) -> List[Optional[str]]:
+    return [token, os.environ.get('HF_TOKEN'), os.environ.get('HUGGING_FACE_HUB_TOKEN'), _saved_token()]
 
 
 def push_folder_to_hub(
@@ -353,12 +403,13 @@ def push_folder_to_hub(
     retry = retry_command(folder, repo_id, revision=revision, private=private)
     endpoint = _hub_endpoint()
     where = f'{endpoint}/{repo_id}' + (f' (revision {revision})' if revision else '')
-    if _offline():
-        raise HubPushError(
-            f'push to {where} not attempted: HF_HUB_OFFLINE is set; unset it and retry with `{retry}`')
+    try:
+        check_can_push(token)
+    except HubPushError as err:
+        raise HubPushError(f'push to {where} not attempted: {err}; then retry with `{retry}`') from None
 
     try:
-        api = HfApi(token=token, library_name='timm_stim')
+        api = HfApi(token=token, library_name='timm_stim', library_version=_library_version())
         endpoint = _hub_endpoint(api)
         # private=None keeps the namespace's default visibility for new repos
         repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type='model')
@@ -388,9 +439,11 @@ def _read_checkpoint(path: Path) -> Any:
     if path.suffix == '.safetensors':
         import safetensors.torch
         return safetensors.torch.load_file(str(path), device='cpu')
+    # timm's train script stores its argparse.Namespace args in checkpoints, allow it without full unpickling
+    safe_globals = getattr(torch.serialization, 'safe_globals', None)
+    allow_args = safe_globals([argparse.Namespace]) if safe_globals else contextlib.nullcontext()
     try:
-        # timm's train script stores its argparse.Namespace args in checkpoints, allow it without full unpickling
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with allow_args:
             return torch.load(str(path), map_location='cpu', weights_only=True)
     except Exception as e:
         raise ValueError(f'cannot read checkpoint {path}: {" ".join(str(e).split())[:300]}') from None
@@ -482,6 +535,13 @@ def read_run_files(run_dir: Union[str, Path]) -> Tuple[Dict[str, Any], Dict[str,
     return args, metrics
 
 
+def data_config_from_args(args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Preprocessing recorded in training args (timm train.py names), for ``export_timm_model(data_config=...)``."""
+    keys = ('input_size', 'img_size', 'crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
+    config = {k: args[k] for k in keys if args.get(k) not in (None, '')}
+    return config or None
+
+
 def _number(text: str) -> Any:
     try:
         value = float(text)
@@ -490,16 +550,24 @@ def _number(text: str) -> Any:
     return int(value) if value.is_integer() and '.' not in str(text) else value
 
 
-def split_recipe(args: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Split training args into (recipe, ST options) for a model card, dropping paths, secrets and unset values."""
-    recipe, stim = {}, {}
+def _public_args(args: Dict[str, Any]) -> Dict[str, Any]:
+    """Args fit for a public model card: no local paths, secrets, run bookkeeping or unset values."""
+    public = {}
     for key, value in args.items():
         key = str(key)
         if value is None or value == '' or key in _PRIVATE_ARGS or _PRIVATE_ARG_RE.search(key):
             continue
         if isinstance(value, str) and _PATH_VALUE_RE.search(value):
             continue  # a local path or something token-like under an unexpected name
-        (stim if _STIM_ARG_RE.match(str(key)) else recipe)[key] = value
+        public[key] = value
+    return public
+
+
+def split_recipe(args: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Split training args into (recipe, ST options) for a model card, dropping paths, secrets and unset values."""
+    recipe, stim = {}, {}
+    for key, value in _public_args(args).items():
+        (stim if _STIM_ARG_RE.match(key) else recipe)[key] = value
     return recipe, stim
 
 
@@ -572,9 +640,13 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _export_checkpoint(args: argparse.Namespace, checkpoint: Path, model_kwargs: Dict[str, Any]) -> Path:
-    output = Path(args.output) if args.output else checkpoint.parent / 'hf_export'
-    _check_export_target(output)
+def _export_checkpoint(
+        args: argparse.Namespace,
+        checkpoint: Path,
+        output: Path,
+        model_kwargs: Dict[str, Any],
+) -> Path:
+    """Rebuild the model, load the checkpoint and export it with a model card from the run's files."""
     try:
         model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, **model_kwargs)
     except TypeError as e:
@@ -588,22 +660,29 @@ def _export_checkpoint(args: argparse.Namespace, checkpoint: Path, model_kwargs:
     card = create_model_card(
         args.model, args.hub_repo_id, dataset, recipe, stim, metrics, license=args.license)
     model.eval()
-    return export_timm_model(model, output, args.model, model_card=card)
+    return export_timm_model(model, output, args.model, model_card=card, data_config=data_config_from_args(run_args))
 
 
 def run_push(args: argparse.Namespace) -> str:
     """The ``push`` command: validate everything, export the checkpoint if needed, push; returns the repo URL."""
+    # arguments first, then whether a push can work at all, and only then any (slow) work
     check_repo_id(args.hub_repo_id)
     source = Path(args.source)
     model_kwargs = _parse_kwargs(args.model_kwargs)
+    checkpoint = output = None
     if is_export_folder(source):
         if args.model or args.num_classes or model_kwargs or args.use_ema or args.output:
             print(f'note: {source} is an export folder, pushing it as is (model options ignored)', file=sys.stderr)
-        folder = source
     else:
         checkpoint = _find_checkpoint(source)
         _check_model_name(args.model)
-        folder = _export_checkpoint(args, checkpoint, model_kwargs)
+        output = Path(args.output) if args.output else checkpoint.parent / 'hf_export'
+        _check_export_target(output)
+    check_can_push()
+
+    folder = source
+    if checkpoint is not None:
+        folder = _export_checkpoint(args, checkpoint, output, model_kwargs)
         print(f'exported to {folder}', file=sys.stderr)
     return push_folder_to_hub(
         folder, args.hub_repo_id, private=args.hub_private, revision=args.hub_revision,

@@ -37,7 +37,7 @@ def split_flat_layout(layout: BlockLayout, pseudo_stages: int = 4) -> BlockLayou
         return layout
     flat = stages_with_skips[0]
     idx = layout.stage_indices(flat)
-    groups = min(pseudo_stages, len(idx))
+    groups = max(1, min(pseudo_stages, len(idx) // 2))  # at least 2 blocks per group, so st can drop one
     new_stage = []
     for s in range(layout.num_stages):
         for pos, i in enumerate(layout.stage_indices(s)):
@@ -135,6 +135,10 @@ class SubnetSampler:
         parsed = parse_space(space)
         self.drop_prob = parsed[1] if isinstance(parsed, tuple) and parsed and parsed[0] == 'bernoulli' else None
         self.k_list = space_k_list(self.layout, space)
+        if self.k_list is not None and all(k == 1 for k in self.k_list):
+            raise ValueError(
+                f"stim space {space!r} never drops a block on {self.layout.model_name} (K={','.join(map(str, self.k_list))}, "
+                f"stages {'/'.join(map(str, self.layout.stage_sizes))}); use --stim-space st, bernoulli or a K-list.")
         self.seed = int(seed) + (7919 * int(rank) if per_rank else 0)
         self.generator = torch.Generator().manual_seed(self.seed)
         self._skippable_suffix = [

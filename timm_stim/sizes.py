@@ -130,9 +130,10 @@ def check_smaller_inputs(model: nn.Module, sizes: Sequence[int], full_size: int,
             except Exception as e:
                 raise SmallerInputsError(
                     f'{name} cannot take {s}x{s} inputs for the smaller-input branch '
-                    f'({type(e).__name__}: {str(e).splitlines()[0][:120]}); create it with '
-                    f'dynamic_img_size=True (ViT/EVA) or strict_img_size=False (Swin), or turn smaller inputs off '
-                    f'with --stim-min-scale 1 (or allow the full-size fallback).') from None
+                    f'({type(e).__name__}: {str(e).splitlines()[0][:120]}); models that support it must be '
+                    f'created with smaller_input_kwargs(name) (dynamic_img_size=True for ViT/EVA/Swin), others '
+                    f'(BEiT, CaiT, PiT, LeViT, ConViT) cannot: turn smaller inputs off with --stim-min-scale 1 or '
+                    f'allow full-size subnets with --stim-size-fallback.') from None
             if not torch.is_tensor(out):
                 raise SmallerInputsError(f'{name} returned {type(out).__name__} for {s}x{s} inputs, not logits.')
     finally:

@@ -144,7 +144,7 @@ class Stimulator:
     ) -> Tuple[torch.Tensor, List[Tuple[SubnetSpec, int]]]:
         """Sum of the M subnets' stim losses against the detached full-network logits.
 
-        With `config.memory_lean`, each subnet's gradients are computed right away with
+        With `config.memory_lean` (and always under gradient checkpointing), each subnet's gradients are computed right away with
         `torch.autograd.grad` and added to `.grad` (times `grad_multiplier`: the AMP loss scale divided by
         the gradient-accumulation steps, i.e. what the caller applies to the loss before backward), so only
         one subnet graph is alive at a time; the returned loss is then detached and only the full network's
@@ -154,21 +154,17 @@ class Stimulator:
         draws = draws if draws is not None else self.sample()
         teacher = teacher_logits.detach()
         bn_ctx = frozen_bn_stats if self.config.bn == 'freeze' else (lambda m: nullcontext())
-        params = [p for p in model.parameters() if p.requires_grad] if self.config.memory_lean else None
+        # Gradient checkpointing recomputes blocks during backward, so a subnet's backward must run while its
+        # blocks are still skipped (and its BN still frozen): the same in-context path as memory-lean.
+        backward_inside = self.config.memory_lean or uses_grad_checkpointing(model)
+        params = [p for p in model.parameters() if p.requires_grad] if backward_inside else None
         total = teacher.new_zeros((), dtype=torch.float32)
         for spec, size in draws:
             with subnet(model, self.layout, spec), bn_ctx(model):
                 loss = self.loss_fn(model(resize_batch(input, size)), teacher)
-            if params is not None and loss.requires_grad:
-                grads = torch.autograd.grad(loss * (self.config.weight * grad_multiplier), params, allow_unused=True)
-                for p, g in zip(params, grads):
-                    if g is None:
-                        continue
-                    if p.grad is None:
-                        p.grad = g.detach()
-                    else:
-                        p.grad.add_(g)
-                loss = loss.detach()
+                if params is not None and loss.requires_grad:
+                    _accumulate_grads(loss * (self.config.weight * grad_multiplier), params)
+                    loss = loss.detach()
             total = total + loss
         return total, draws
 
@@ -189,6 +185,32 @@ class Stimulator:
 
     def __repr__(self) -> str:
         return f'Stimulator({self.sampler}, {self.size_sampler}, {self.loss_fn}, M={self.config.num_subnets})'
+
+
+def uses_grad_checkpointing(model: nn.Module) -> bool:
+    """Whether timm gradient checkpointing is on anywhere in `model` (refuses the reentrant variant)."""
+    if not any(getattr(m, 'grad_checkpointing', False) for m in model.modules()):
+        return False
+    try:
+        from timm.layers import use_reentrant_ckpt
+    except ImportError:  # older timm: non-reentrant is its default
+        return True
+    if use_reentrant_ckpt():
+        raise ValueError('stimulative training needs non-reentrant gradient checkpointing (subnet gradients are '
+                         'taken with torch.autograd.grad); call timm.layers.set_reentrant_ckpt(False).')
+    return True
+
+
+def _accumulate_grads(loss: torch.Tensor, params: List[torch.Tensor]) -> None:
+    """Add d(loss)/d(params) to `.grad` without an AccumulateGrad pass (so no DDP hook fires)."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        if p.grad is None:
+            p.grad = g.detach()
+        else:
+            p.grad.add_(g)
 
 
 def create_stimulator(model: nn.Module, config: Optional[StimConfig] = None, **kwargs) -> Stimulator:
