@@ -239,33 +239,38 @@ def create_model_card(
     meta: Dict[str, Any] = {'library_name': 'timm'}
     if license:
         meta['license'] = license
-    meta['tags'] = ['image-classification', 'timm', 'stimulative-training']
+    plain = not stim or str(stim.get('stim', '')).startswith('none')
+    meta['tags'] = ['image-classification', 'timm'] + ([] if plain else ['stimulative-training'])
     meta['pipeline_tag'] = 'image-classification'
     front_matter = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
     title = repo_id.split('/')[-1] if repo_id else model_name
     load_name = f'hf-hub:{repo_id}' if repo_id else 'local-dir:/path/to/this/folder'
 
+    method = ('plain supervised training (the Stimulative Training baseline, `--stim none`)' if plain else
+              f"Stimulative Training ({stim.get('stim', 'ST')}) using `timm_stim`, a plugin for "
+              '[timm](https://github.com/huggingface/pytorch-image-models)')
     sections = [
         f'---\n{front_matter}---',
         f'# Model card for {title}',
-        f'A `{model_name}` image classification model trained on {dataset} with Stimulative Training (ST) using '
-        '`timm_stim`, a Stimulative Training plugin for [timm](https://github.com/huggingface/pytorch-image-models).'
-        '\n\n'
-        'Stimulative Training targets the "loafing" of residual networks: trained jointly, the shallower '
-        'sub-networks a residual network implicitly contains learn less than they could. During training, ST '
-        'samples a random sub-network at each step and trains it to match the full network\'s predictions, in '
-        'addition to the usual loss on the full network. ST only changes how the weights were trained: this '
-        f'repository holds a plain timm `{model_name}`.',
-        '## Model details\n\n' + '\n'.join([
-            f'- **Architecture:** `{model_name}` (timm)',
-            f'- **Dataset:** {dataset}',
-            '- **Training method:** Stimulative Training (NeurIPS 2022, "Stimulative Training of Residual '
-            'Networks: A Social Psychology Perspective of Loafing")',
-        ]),
+        f'A `{model_name}` image classification model trained on {dataset} with {method}.',
     ]
+    if not plain:
+        sections.append(
+            'Stimulative Training targets the "loafing" of residual networks: trained jointly, the shallower '
+            'sub-networks a residual network implicitly contains learn less than they could. During training, ST '
+            'samples a random sub-network at each step and trains it to match the full network\'s predictions, in '
+            'addition to the usual loss on the full network. ST only changes how the weights were trained: this '
+            f'repository holds a plain timm `{model_name}`.')
+    sections.append('## Model details\n\n' + '\n'.join([
+        f'- **Architecture:** `{model_name}` (timm)',
+        f'- **Dataset:** {dataset}',
+        '- **Training method:** ' + ('plain supervised training' if plain else
+                                     'Stimulative Training (NeurIPS 2022, "Stimulative Training of Residual '
+                                     'Networks: A Social Psychology Perspective of Loafing"; ST++: arXiv 2305.02507)'),
+    ]))
     if recipe:
         sections.append('## Training recipe\n\n' + _table(recipe, ('Argument', 'Value')))
-    if stim:
+    if stim and not plain:
         sections.append('## Stimulative Training options\n\n' + _table(stim, ('Option', 'Value')))
     if metrics:
         sections.append('## Results\n\n' + _table(metrics, ('Metric', 'Value')))
