@@ -395,7 +395,7 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, loss_scaler=No
         steps = last_accum if batch_idx >= num_batches - last_accum else accum
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
-        if args.stim_memory_lean and stimulator is not None:  # subnet gradients are made inside the forward
+        if stimulator is not None:  # memory-lean / grad-checkpointed subnet gradients are made inside the forward
             task.set_grad_multiplier((loss_scaler.state_dict()['scale'] if loss_scaler else 1.0) / steps)
 
         with task.no_sync() if not need_update else nullcontext():  # DDP: all-reduce on the last micro-step only
