@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--stim-memory-lean', action='store_true', help='one subnet graph alive at a time')
     g.add_argument('--stim-bn-recal', type=int, default=0, metavar='N',
                    help='re-estimate BN statistics on N training images before each validation (authors: 2000)')
+    g.add_argument('--loafing-eval', type=int, default=0, metavar='N',
+                   help='at the end, evaluate the full net and N random ST-space subnets (timm_stim.loafing); '
+                        'results in <output>/loafing and, with --push-to-hub, in the model card')
     g = p.add_argument_group('Hugging Face Hub (token from HF_TOKEN or `hf auth login`)')
     g.add_argument('--push-to-hub', action='store_true', help='export a plain timm model at the end and push it')
     g.add_argument('--hub-repo-id', default=None, help='owner/name')
@@ -254,6 +257,8 @@ def check_args(args) -> None:
             parse_space(args.stim_space or args.stim)
         except ValueError as e:
             raise UsageError(f'--stim-space: {e}') from None
+    if args.loafing_eval < 0:
+        raise UsageError(f'--loafing-eval must be >= 0 subnets (got {args.loafing_eval})')
     if args.resume and not os.path.isfile(args.resume):
         raise UsageError(f'--resume checkpoint {args.resume} does not exist')
     if args.push_to_hub:
@@ -770,16 +775,34 @@ def train(args) -> int:
                      f"--resume {os.path.join(output_dir, 'last.pth.tar')} --experiment {os.path.basename(output_dir)}")
     if args.distributed:
         torch.distributed.destroy_process_group()
-    if args.push_to_hub and args.rank == 0:
-        push_to_hub(args, task, output_dir, data_config, eval_metrics, best_metric, best_epoch)
+    if args.rank == 0 and (args.push_to_hub or args.loafing_eval):
+        model, source = final_weights(args, task, output_dir, best_metric, best_epoch)
+        card_sections = run_loafing_eval(args, model, source, output_dir, data_config, device) \
+            if args.loafing_eval else []
+        if args.push_to_hub:
+            push_to_hub(args, task, model, source, output_dir, data_config, eval_metrics, best_metric, card_sections)
     return 0
+
+
+def run_loafing_eval(args, model, source, output_dir, data_config, device) -> list:
+    """Evaluate the full net and --loafing-eval random subnets of the ST space (the same set for any --stim, so
+    runs are comparable); writes <output>/loafing and returns the model-card section (table + plot)."""
+    from timm_stim.loafing import create_eval_loader, format_summary, loafing_eval, loafing_markdown
+    loader = create_eval_loader(args.dataset, args.data_dir, args.val_split, data_config,
+                                batch_size=args.validation_batch_size or args.batch_size, workers=args.workers,
+                                device=device)  # not the DistributedSampler's shard: every image
+    folder = os.path.join(output_dir, 'loafing')
+    _, summary = loafing_eval(model, loader, subnets=f'random:{args.loafing_eval}', space='st', output_dir=folder,
+                              label=f'{args.model} --stim {args.stim}', seed=args.seed,
+                              input_size=data_config['input_size'], device=device)
+    _logger.info(f'Network loafing ({folder}):\n{format_summary(summary)}')
+    return [loafing_markdown(summary, 'loafing.png')]
 
 
 # ------------------------------------------------------------------------------------------------------------ Hub
 
-def push_to_hub(args, task, output_dir, data_config, eval_metrics, best_metric, best_epoch) -> None:
-    """Export the chosen weights as a plain timm model with a model card into <output>/hf_export, then push."""
-    from timm_stim.hub import create_model_card, export_timm_model, push_folder_to_hub, split_recipe
+def final_weights(args, task, output_dir, best_metric, best_epoch):
+    """A plain timm model (no DDP/compile wrappers) with the --hub-weights weights, and a description of them."""
     if args.hub_weights == 'best':
         state_dict = read_checkpoint(os.path.join(output_dir, 'model_best.pth.tar'))['state_dict']
         source = 'best checkpoint' + (f' (epoch {best_epoch}, eval {args.eval_metric} {best_metric:.2f})'
@@ -790,7 +813,12 @@ def push_to_hub(args, task, output_dir, data_config, eval_metrics, best_metric, 
         state_dict, source = task.model.state_dict(), 'weights after the last epoch'
     model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)  # plain, no wrappers
     model.load_state_dict({k[7:] if k.startswith('module.') else k: v for k, v in state_dict.items()})
+    return model.to(args.device).eval(), source
 
+
+def push_to_hub(args, task, model, source, output_dir, data_config, eval_metrics, best_metric, card_sections) -> None:
+    """Export `model` as a plain timm model with a model card into <output>/hf_export, then push it."""
+    from timm_stim.hub import create_model_card, export_timm_model, push_folder_to_hub, split_recipe
     record, defaults = args_record(args), vars(build_parser().parse_args([]))
     recipe, stim = split_recipe({k: v for k, v in record.items()  # the card lists what differs from the defaults
                                  if k in CARD_ARGS or k.startswith('stim') or v != defaults.get(k)})
@@ -807,10 +835,13 @@ def push_to_hub(args, task, output_dir, data_config, eval_metrics, best_metric, 
     metrics.update((f'final_eval_{k}', v) for k, v in eval_metrics.items())
     if best_metric is not None:
         metrics[f'best_eval_{args.eval_metric}'] = best_metric
+    plot = os.path.join(output_dir, 'loafing', 'loafing.png')
     folder = export_timm_model(
-        model.eval(), os.path.join(output_dir, 'hf_export'), args.model,
+        model.cpu(), os.path.join(output_dir, 'hf_export'), args.model,
         model_args=dict(args.model_kwargs, num_classes=args.num_classes),
-        model_card=create_model_card(args.model, args.hub_repo_id, dataset, recipe, stim, metrics),
+        model_card=create_model_card(args.model, args.hub_repo_id, dataset, recipe, stim, metrics,
+                                     extra_sections=card_sections),
+        extra_files=[plot] if card_sections and os.path.isfile(plot) else None,
         data_config={k: v for k, v in data_config.items()
                      if k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')})
     _logger.info(f'Exported the {source} to {folder}; pushing to {args.hub_repo_id}')

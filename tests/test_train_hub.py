@@ -36,7 +36,7 @@ def _train(tmp_path, url, *extra):
 
 
 def test_push_to_hub_exports_a_plain_timm_model(tmp_path, fake_hub):
-    res = _train(tmp_path, fake_hub.url)
+    res = _train(tmp_path, fake_hub.url, '--loafing-eval', '3')
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert TOKEN not in res.stdout + res.stderr
     run = tmp_path / 'out' / 'hub'
@@ -56,6 +56,12 @@ def test_push_to_hub_exports_a_plain_timm_model(tmp_path, fake_hub):
     for text in ('test_vit', 'digits', 'stim_subnets', 'final_eval_top1', 'best checkpoint', "hf-hub:" + REPO_ID):
         assert text in card, text
     assert (run / 'hf_export' / 'model.safetensors').is_file()
+    # --loafing-eval: results next to the checkpoints, table and plot in the model card
+    rows = json.loads((run / 'loafing' / 'loafing.json').read_text())['results']
+    assert len(rows) == 3 and sum(r['is_full'] for r in rows) == 1
+    assert 'loafing.png' in card and files['loafing.png'][:8] == b'\x89PNG\r\n\x1a\n'
+    full = next(r for r in rows if r['is_full'])
+    assert f"{full['top1']:.2f}" in card
 
 
 def test_failed_push_exits_nonzero_and_keeps_local_files(tmp_path, fake_hub):
