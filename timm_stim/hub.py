@@ -579,9 +579,10 @@ def split_recipe(args: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------------------- CLI
 
 
-def _parse_kwargs(items: Sequence[str]) -> Dict[str, Any]:
-    kwargs = {}
-    for item in items:
+def parse_model_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """`--model-kwargs key=value ...` as create_model kwargs (values parsed as Python literals when they are)."""
+    kwargs: Dict[str, Any] = {}
+    for item in items or []:
         key, sep, value = item.partition('=')
         if not sep or not key.isidentifier():
             raise ValueError(f'--model-kwargs expects key=value pairs, got {item!r}')
@@ -673,7 +674,7 @@ def run_push(args: argparse.Namespace) -> str:
     # arguments first, then whether a push can work at all, and only then any (slow) work
     check_repo_id(args.hub_repo_id)
     source = Path(args.source)
-    model_kwargs = _parse_kwargs(args.model_kwargs)
+    model_kwargs = parse_model_kwargs(args.model_kwargs)
     checkpoint = output = None
     if is_export_folder(source):
         if args.model or args.num_classes or model_kwargs or args.use_ema or args.output:

@@ -27,7 +27,6 @@ plain evaluation of the model. BN re-estimation always works on a deep copy of t
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import csv
 import json
@@ -45,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .blocks import BlockLayout, SubnetSpec, find_residual_blocks, subnet
 from .bn import recalibrate_bn
+from .hub import load_checkpoint_into, parse_model_kwargs
 from .sampler import SubnetSampler
 
 __all__ = [
@@ -730,7 +730,7 @@ def load_model_for_loafing(
         model_kwargs, data_config from the run or export, train_args).
     """
     import timm
-    from .hub import load_checkpoint_into
+
 
     model_kwargs = dict(model_kwargs or {})
     text = str(source)
@@ -837,22 +837,6 @@ def create_eval_loader(
 
 
 # -------------------------------------------------------------------------------------------------------- CLI
-
-
-def _parse_kwargs(items: Sequence[str]) -> Dict[str, Any]:
-    kwargs: Dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition('=')
-        if not sep or not key.isidentifier():
-            raise ValueError(f'--model-kwargs expects key=value pairs, got {item!r}')
-        if value.lower() in ('true', 'false'):
-            kwargs[key] = value.lower() == 'true'
-            continue
-        try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[key] = value
-    return kwargs
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -979,7 +963,7 @@ def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """The CLI's work: load models, build loaders, evaluate, write files; returns results and summary."""
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    model_kwargs = _parse_kwargs(args.model_kwargs)
+    model_kwargs = parse_model_kwargs(args.model_kwargs)
     loaded = [load_model_for_loafing(s, args.model, args.num_classes, model_kwargs, args.checkpoint,
                                      args.use_ema, device) for s in args.sources]
     infos = [info for _, info in loaded]
