@@ -731,7 +731,6 @@ def load_model_for_loafing(
     """
     import timm
 
-
     model_kwargs = dict(model_kwargs or {})
     text = str(source)
     path = Path(text)
