@@ -204,13 +204,17 @@ def uses_grad_checkpointing(model: nn.Module) -> bool:
 def _accumulate_grads(loss: torch.Tensor, params: List[torch.Tensor]) -> None:
     """Add d(loss)/d(params) to `.grad` without an AccumulateGrad pass (so no DDP hook fires)."""
     grads = torch.autograd.grad(loss, params, allow_unused=True)
+    existing, new = [], []
     for p, g in zip(params, grads):
         if g is None:
             continue
         if p.grad is None:
             p.grad = g.detach()
         else:
-            p.grad.add_(g)
+            existing.append(p.grad)
+            new.append(g)
+    if existing:
+        torch._foreach_add_(existing, new)  # one fused launch per device instead of one add per parameter
 
 
 def create_stimulator(model: nn.Module, config: Optional[StimConfig] = None, **kwargs) -> Stimulator:

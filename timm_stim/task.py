@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 from timm.task import TrainingTask
 from timm.utils import ModelEmaV3, unwrap_model
 
+from .compile import compile_blocks
 from .stimulator import Stimulator, stimulative_forward
 
 __all__ = ['StimulativeModule', 'StimulativeTask']
@@ -95,10 +96,9 @@ class StimulativeTask(TrainingTask):
         return self
 
     def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
-        """Regional compile: each residual block separately, the skip decision stays in Python.
-
-        Compiling the whole model would specialise on every skip pattern (a new graph per subnet).
-        Returns the eval model (the same module, its blocks compiled).
+        """Plain training: whole-model torch.compile. Stimulative training: regional compile (`compile_blocks`),
+        each residual block separately with the skip decision kept in Python, because a whole-model compile
+        would specialise on every skip pattern. Returns the eval model.
         """
         model = self.model
         if self.stimulator is None:
@@ -106,8 +106,8 @@ class StimulativeTask(TrainingTask):
             self._stim_module().module = compiled
             self.eval_model = compiled
             return compiled
-        for block in self.stimulator.layout.modules(model):
-            block.compile(backend=backend, mode=mode, dynamic=None, **compile_kwargs)
+        compile_blocks(model, self.stimulator.layout, self.stimulator.size_sampler.sizes, backend=backend, mode=mode,
+                       **compile_kwargs)
         self.eval_model = model
         return model
 
