@@ -4,7 +4,6 @@ import math
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
 from timm_stim import (

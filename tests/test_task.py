@@ -10,7 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from timm_stim import (
     SmallerInputsError, StimulativeTask, create_stim_config, create_stimulator, recalibrate_bn,
-    smaller_input_kwargs, subnet,
+    smaller_input_kwargs,
 )
 
 CE = nn.CrossEntropyLoss()
