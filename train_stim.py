@@ -43,7 +43,7 @@ from timm.utils import (AverageMeter, CheckpointSaver, NativeScaler, ParseKwargs
 
 from timm_stim import StimulativeTask, Stimulator, create_stim_config, parse_space, recalibrate_bn, smaller_input_kwargs
 from timm_stim.data import DIGITS_INFO, DataConfigError, create_dataset_or_digits
-from timm_stim.hub import HubPushError
+from timm_stim.hub import HubPushError, read_checkpoint as hub_read_checkpoint
 
 _logger = logging.getLogger('train_stim')
 
@@ -549,10 +549,9 @@ class CheckpointContents:
 def read_checkpoint(path: str) -> dict:
     """Load a training checkpoint safely (weights_only); a truncated or corrupt file is a one-line error."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise UsageError(f'cannot read checkpoint {path} (truncated or corrupt?): {str(e)[:200]}') from None
+        ckpt = hub_read_checkpoint(path)
+    except ValueError as e:
+        raise UsageError(f'{e} (truncated or corrupt?)') from None
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
         raise UsageError(f'{path} is not a train_stim / timm training checkpoint (no state_dict)')
     return ckpt

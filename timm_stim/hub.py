@@ -440,7 +440,10 @@ def push_folder_to_hub(
 # ------------------------------------------------------------------------------------------------------ checkpoints
 
 
-def _read_checkpoint(path: Path) -> Any:
+def read_checkpoint(path: Union[str, Path]) -> Any:
+    """Checkpoint contents, loaded without unpickling arbitrary objects (timm's args Namespace allowed);
+    an unreadable file raises ValueError with a one-line reason."""
+    path = Path(path)
     if path.suffix == '.safetensors':
         import safetensors.torch
         return safetensors.torch.load_file(str(path), device='cpu')
@@ -495,7 +498,7 @@ def load_checkpoint_into(
     path = Path(checkpoint_path)
     if not path.is_file():
         raise FileNotFoundError(f'checkpoint {path} does not exist')
-    state_dict, key = _select_state_dict(_read_checkpoint(path), use_ema, path)
+    state_dict, key = _select_state_dict(read_checkpoint(path), use_ema, path)
     state_dict = _clean_keys(state_dict)
 
     expected = model.state_dict()

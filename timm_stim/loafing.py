@@ -44,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .blocks import BlockLayout, SubnetSpec, find_residual_blocks, subnet
 from .bn import recalibrate_bn
-from .hub import load_checkpoint_into, parse_model_kwargs
+from .hub import load_checkpoint_into, parse_model_kwargs, read_checkpoint
 from .sampler import SubnetSampler
 
 __all__ = [
@@ -595,18 +595,6 @@ def _read_yaml(path: Path) -> Dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def _read_checkpoint(path: Path) -> Any:
-    """Checkpoint contents, loaded without unpickling arbitrary objects (timm's args Namespace allowed)."""
-    if path.suffix == '.safetensors':
-        import safetensors.torch
-        return safetensors.torch.load_file(str(path), device='cpu')
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(str(path), map_location='cpu', weights_only=True)
-    except Exception as e:  # not a torch file, or objects that weights-only loading refuses
-        raise ValueError(f'cannot read checkpoint {path}: {" ".join(str(e).split())[:300]}') from None
-
-
 def _checkpoint_weights(checkpoint: Any, use_ema: bool) -> Dict[str, torch.Tensor]:
     if not isinstance(checkpoint, dict):
         return {}
@@ -752,7 +740,7 @@ def load_model_for_loafing(
             ckpt_path = path
         else:
             raise FileNotFoundError(f'model source {text!r} is neither a file, a folder, nor hf-hub:/local-dir:')
-        contents = _read_checkpoint(ckpt_path)
+        contents = read_checkpoint(ckpt_path)
         args = _train_args(contents, ckpt_path.parent)
         # timm's CheckpointSaver stores 'arch' = args.model, or the lower-cased class name ('resnet') without args
         arch = contents.get('arch') if isinstance(contents, dict) else None

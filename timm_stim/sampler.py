@@ -141,37 +141,32 @@ class SubnetSampler:
                 f"stages {'/'.join(map(str, self.layout.stage_sizes))}); use --stim-space st, bernoulli or a K-list.")
         self.seed = int(seed) + (7919 * int(rank) if per_rank else 0)
         self.generator = torch.Generator().manual_seed(self.seed)
-        self._skippable_suffix = [
+        self._skippable_per_stage = [
             [i for i in self.layout.stage_indices(s) if self.layout.blocks[i].skippable]
             for s in range(self.layout.num_stages)
         ]
 
     def sample(self) -> SubnetSpec:
-        keep = [True] * len(self.layout.blocks)
         if self.drop_prob is not None:
-            drops = torch.rand(len(keep), generator=self.generator) < self.drop_prob
-            for i, b in enumerate(self.layout.blocks):
-                keep[i] = not (b.skippable and bool(drops[i]))
-            return SubnetSpec(tuple(keep))
-        for skippable, k in zip(self._skippable_suffix, self.k_list):
-            r = int(torch.randint(k, (1,), generator=self.generator)) if k > 1 else 0
-            for i in skippable[len(skippable) - r:] if r else []:
-                keep[i] = False
-        return SubnetSpec(tuple(keep))
+            drops = torch.rand(len(self.layout.blocks), generator=self.generator) < self.drop_prob
+            return SubnetSpec(tuple(not (b.skippable and bool(d)) for b, d in zip(self.layout.blocks, drops)))
+        drops = [int(torch.randint(k, (1,), generator=self.generator)) if k > 1 else 0 for k in self.k_list]
+        return self._drop_last(drops)
 
     def support(self) -> List[SubnetSpec]:
         """Every subnet the rule can produce (for K-list rules; Bernoulli enumerates all keep-masks)."""
         if self.drop_prob is not None:
             choices = [(True, False) if b.skippable else (True,) for b in self.layout.blocks]
             return [SubnetSpec(keep) for keep in itertools.product(*choices)]
-        out = []
-        for combo in itertools.product(*(range(k) for k in self.k_list)):
-            keep = [True] * len(self.layout.blocks)
-            for skippable, r in zip(self._skippable_suffix, combo):
-                for i in skippable[len(skippable) - r:] if r else []:
-                    keep[i] = False
-            out.append(SubnetSpec(tuple(keep)))
-        return out
+        return [self._drop_last(drops) for drops in itertools.product(*(range(k) for k in self.k_list))]
+
+    def _drop_last(self, drops: Sequence[int]) -> SubnetSpec:
+        """The subnet that skips the last `drops[s]` skippable blocks of every stage s (the prefix rule)."""
+        keep = [True] * len(self.layout.blocks)
+        for skippable, r in zip(self._skippable_per_stage, drops):
+            for i in skippable[len(skippable) - r:] if r else []:
+                keep[i] = False
+        return SubnetSpec(tuple(keep))
 
     def depths(self, spec: SubnetSpec) -> Tuple[int, ...]:
         """Blocks run per (pseudo-)stage."""
