@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -61,11 +61,6 @@ class StimConfig:
             raise ValueError(f'stim weight must be >= 0 (got {self.weight}).')
         if self.standardize_main is None:
             self.standardize_main = self.loss == 'kl-'
-
-    def to_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d['sizes'] = list(self.sizes) if self.sizes else None
-        return d
 
 
 STIM_PRESETS: Dict[str, Dict[str, Any]] = {
