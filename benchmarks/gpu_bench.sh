@@ -17,7 +17,8 @@
 #            flat after step 1) or specialises per size (about one graph per block per new size, as
 #            torch 2.14 does on CPU); can take minutes of compiling
 # Environment: OUT (output folder), PYTHON (default: python), BUDGET_S (skip sections that would start
-# with less than their timeout left; default 570), T_R50 / T_DEIT / T_COMPILE (per-section timeouts, s).
+# with less than their timeout left; default 570), T_R50 / T_DEIT / T_COMPILE (per-section timeouts, s),
+# REP / CREP (step_cost.py repeat flags for eager / compile sections).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PWD}${PYTHONPATH:+:$PYTHONPATH}"
@@ -49,8 +50,8 @@ if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'
   DEV=cuda
   R50="--model resnet50 --batch-size 256 --img-size 224 --device cuda --amp-dtype bfloat16 --channels-last"
   DEIT="--model deit_small_patch16_224 --batch-size 256 --img-size 224 --device cuda --amp-dtype bfloat16"
-  REP="--repeats 30 --warmup 10"
-  CREP="--repeats 20 --warmup 8"
+  REP="${REP:---repeats 30 --warmup 10}"
+  CREP="${CREP:---repeats 20 --warmup 8}"
   T_R50="${T_R50:-220}"; T_DEIT="${T_DEIT:-120}"; T_COMPILE="${T_COMPILE:-400}"
   BUCKETS="96 160 224"; RANDOM_BACKEND=""
 else
