@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--grad-accum-steps', type=int, default=1)
     g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='create_model kwargs: k=v ...')
     g.add_argument('--torchcompile', nargs='?', const='inductor', default=None, help='torch.compile backend')
+    g.add_argument('--torchcompile-mode', default=None, help='torch.compile mode, e.g. max-autotune')
     g = p.add_argument_group('Optimizer')
     g.add_argument('--opt', default='sgd', help='timm optimizer: sgd, nesterov, adamw, lamb, ...')
     g.add_argument('--opt-eps', type=float, default=None)
@@ -163,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--stim-per-rank', action='store_true', help='independent subnets on every rank')
     g.add_argument('--stim-size-fallback', action='store_true', help='full-size subnets if the model needs it')
     g.add_argument('--stim-memory-lean', action='store_true', help='one subnet graph alive at a time')
+    g.add_argument('--stim-compile', default='full', choices=['full', 'blocks'],
+                   help='with --torchcompile: compile the full-network pass only (subnets eager) or every '
+                        'residual block (subnets too; see BENCHMARKS.md)')
     g.add_argument('--stim-bn-recal', type=int, default=0, metavar='N',
                    help='re-estimate BN statistics on N training images before each validation (authors: 2000)')
     g.add_argument('--loafing-eval', type=int, default=0, metavar='N',
@@ -695,11 +699,12 @@ def train(args) -> int:
     random_seed(args.seed, args.rank)  # augmentation and stochastic depth differ per rank (timm's seeding)
     start_epoch = args.start_epoch if args.start_epoch is not None else start_epoch
 
-    # Compile (block by block under ST, so subnets don't recompile), then DDP: one all-reduce per step.
-    eval_model = task.compile(backend=args.torchcompile) if args.torchcompile else None
+    # Compile (the full pass, or block by block: never per skip pattern), then DDP: one all-reduce per step.
+    if args.torchcompile:
+        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode, scope=args.stim_compile)
     if args.distributed:
         task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None)
-    eval_model = eval_model or task.get_eval_model()
+    eval_model = task.get_eval_model()
     loader_train, loader_eval = create_loaders(args, data_config, datasets, device, mixup_active)
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(

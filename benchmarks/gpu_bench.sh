@@ -10,8 +10,8 @@
 #            ST, ST++ and ST++ memory-lean, M = 1 and 6 (eager)
 #   deit     deit_small_patch16_224 (dynamic_img_size), batch 256, bf16: same configs, M = 1 and 6 (eager)
 #   compile  resnet50 as above, eager and torch.compile (inductor): plain = whole model; ST++ M=6 with
-#            task.compile() (regional) and bucketed subnet sizes 96/160/224 (a static graph per size);
-#            dynamo graph counts per step (must plateau)
+#            bucketed subnet sizes 96/160/224 and task.compile(scope='full') (full pass compiled, subnets
+#            eager) and scope='blocks' (every block, a static graph per size); dynamo graph counts per step
 #   compile_random  (not in the default set) regional compile with the uniform ST++ sizes 96..224, M=1,
 #            a few steps: shows whether this torch's inductor keeps the subnet graphs dynamic (graph count
 #            flat after step 1) or specialises per size (about one graph per block per new size, as

@@ -20,8 +20,13 @@ the peak of the running sum of CPU tensor allocations during a step is added to 
 step (parameters, optimizer state, input); gradients are allocated inside the step (zero_grad sets them to
 None). That counts tensors only (no allocator caching / fragmentation); 'n/a' if the profiler API fails.
 
+Timing: 'meas/id' = median step time ratio / ideal; 'mean m/i' = mean step time ratio / ideal (the ideal is a
+mean over the timed steps, and total training time is a sum of steps, so with draws of very different cost, as
+ST++ M=1, the mean-based figure is the one to trust; both are in the JSON with every step's time).
+
 --compile: plain = whole-model torch.compile (ClassificationTask.compile / StimulativeTask.compile without
-stimulator / torch.compile(model)); ST/ST++ = StimulativeTask.compile() (regional: each residual block).
+stimulator / torch.compile(model)); ST/ST++ = StimulativeTask.compile(scope=...) for each --compile-scope:
+'full' (whole-model compile of the full pass, subnets eager) and 'blocks' (each residual block compiled).
 Compiled rows report first-step time, compile overhead (warm-up time minus warm-up steps at steady state),
 steady-state time, and dynamo graph counts per step; with --graph-steps N an extra compiled ST++ M=1 run
 of N steps records torch._dynamo.utils.counters['stats']['unique_graphs'] after every step.
@@ -206,8 +211,8 @@ def static_bytes(model: nn.Module, opt: torch.optim.Optimizer, extra=()) -> int:
 def summarize(times: Sequence[float]) -> Dict[str, float]:
     ts = sorted(times)
     q = lambda p: ts[min(len(ts) - 1, max(0, int(round(p * (len(ts) - 1)))))]
-    return {'median_ms': 1e3 * statistics.median(ts), 'p10_ms': 1e3 * q(0.1), 'p90_ms': 1e3 * q(0.9),
-            'min_ms': 1e3 * ts[0], 'n': len(ts)}
+    return {'median_ms': 1e3 * statistics.median(ts), 'mean_ms': 1e3 * statistics.fmean(ts), 'p10_ms': 1e3 * q(0.1),
+            'p90_ms': 1e3 * q(0.9), 'min_ms': 1e3 * ts[0], 'n': len(ts), 'times_ms': [1e3 * t for t in times]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -300,7 +305,7 @@ class Bench:
                 graph_log.append(dynamo_stats().get('unique_graphs', 0))
         return times
 
-    def build(self, config: str, m: int, compiled: bool):
+    def build(self, config: str, m: int, compiled: bool, scope: str = 'full'):
         """(forward callable, model, optimizer, stimulator) for one config."""
         model = self.new_model()
         crit = nn.CrossEntropyLoss()
@@ -335,7 +340,7 @@ class Bench:
             stim = create_stimulator(model, create_stim_config(preset, **overrides), full_size=self.args.img_size)
             task = StimulativeTask(model, crit, stim, device=self.device, verbose=False)
             if compiled:
-                task.compile(backend=self.args.compile_backend, mode=self.args.compile_mode)
+                task.compile(backend=self.args.compile_backend, mode=self.args.compile_mode, scope=scope)
             forward = task
         return forward, model, self.new_optimizer(model), stim
 
@@ -387,10 +392,10 @@ class Bench:
             except Exception:
                 pass
 
-    def run_config(self, config: str, m: int, compiled: bool) -> Dict[str, Any]:
+    def run_config(self, config: str, m: int, compiled: bool, scope: str = 'full') -> Dict[str, Any]:
         a = self.args
         t_build = time.perf_counter()
-        forward, model, opt, stim = self.build(config, m, compiled)
+        forward, model, opt, stim = self.build(config, m, compiled, scope)
         build_s = time.perf_counter() - t_build
         draws_log: list = []
         step = self.make_step(config, forward, model, opt, draws_log)
@@ -408,6 +413,8 @@ class Bench:
         timed_draws = list(draws_log)
         row: Dict[str, Any] = {'config': config, 'subnets': m if stim is not None else 0, 'compiled': compiled,
                                'description': CONFIG_HELP[config], 'clock': self.clock}
+        if compiled:
+            row['compile_scope'] = scope
         row.update(summarize(times))
         if walls and self.clock != 'wall':
             row['wall_median_ms'] = 1e3 * statistics.median(walls)
@@ -544,7 +551,7 @@ class Bench:
     def run_graph_check(self) -> Dict[str, Any]:
         """Compiled ST++ M=1 for --graph-steps steps: unique dynamo graphs after each step."""
         a = self.args
-        forward, model, opt, stim = self.build('st++', 1, True)
+        forward, model, opt, stim = self.build('st++', 1, True, 'blocks')
         draws_log: list = []
         step = self.make_step('st++', forward, model, opt, draws_log)
         stats0, hits0 = dynamo_stats(), self.recompile_counter.hits
@@ -574,7 +581,7 @@ class Bench:
         if getattr(self, 'prewarm_s', None) is not None or self.device.type != 'cuda' \
                 or not torch.backends.cudnn.benchmark or a.prewarm_max_s <= 0:
             return
-        from timm_stim import SizeSampler, resize_batch, size_multiple
+        from timm_stim.sizes import SizeSampler, resize_batch, size_multiple
         model = self.new_model()
         sizes = list(SizeSampler(a.img_size, a.min_scale, a.stim_sizes or None, size_multiple(model)).sizes)
         t0 = time.perf_counter()
@@ -609,15 +616,17 @@ class Bench:
             for config in [c for c in CONFIGS if c in a.configs and c not in ('plain', 'none', 'hand')]:
                 if config.startswith('st++'):
                     self.prewarm_sizes()  # once, after the plain / ST rows are saved
-                for m in a.subnets:
-                    self._log(f'{config} M={m} compiled={compiled}')
-                    try:
-                        rows.append(self.run_config(config, m, compiled))
-                    except _OOM as e:
-                        rows.append({'config': config, 'subnets': m, 'compiled': compiled, 'error': f'OOM: {e}'[:300]})
-                        self.cleanup()
-                    self._log('  ' + format_row(rows[-1]))
-                    self.checkpoint(rows, graph_check)
+                for scope in (a.compile_scope if compiled else ['full']):
+                    for m in a.subnets:
+                        self._log(f'{config} M={m} compiled={compiled}' + (f' scope={scope}' if compiled else ''))
+                        try:
+                            rows.append(self.run_config(config, m, compiled, scope))
+                        except _OOM as e:
+                            rows.append({'config': config, 'subnets': m, 'compiled': compiled,
+                                         'error': f'OOM: {e}'[:300]})
+                            self.cleanup()
+                        self._log('  ' + format_row(rows[-1]))
+                        self.checkpoint(rows, graph_check)
             if compiled and a.graph_steps > 0:
                 self._log(f'graph check: compiled ST++ M=1, {a.graph_steps} steps')
                 graph_check = self.run_graph_check()
@@ -666,6 +675,8 @@ def add_relative(rows: List[Dict[str, Any]]) -> None:
                 continue
             r['ratio_vs_plain'] = r['median_ms'] / base['median_ms']
             r['measured_over_ideal'] = r['ratio_vs_plain'] / r['ideal_ratio']
+            if r.get('mean_ms') and base.get('mean_ms'):  # total time: the ideal is a mean over steps too
+                r['measured_over_ideal_mean'] = r['mean_ms'] / base['mean_ms'] / r['ideal_ratio']
             key = 'peak_mib' if (r.get('peak_mib') and base.get('peak_mib')) else 'step_peak_mib'
             if r.get(key) and base.get(key):
                 r['memory_vs_plain'] = r[key] / base[key]
@@ -685,19 +696,26 @@ def _fmt(v, spec):
     return 'n/a' if v is None else format(v, spec)
 
 
+def _mode(r: Dict[str, Any]) -> str:
+    if not r.get('compiled'):
+        return 'eager'
+    return {'full': 'cmp-full', 'blocks': 'cmp-block'}.get(r.get('compile_scope'), 'compiled')
+
+
 def format_row(r: Dict[str, Any]) -> str:
     if 'error' in r:
         return f"{r['config']:<9} {'C' if r['compiled'] else 'E'} M={r['subnets']}: {r['error']}"
-    return (f"{r['config']:<9} {'compiled' if r['compiled'] else 'eager':<8} {r['subnets']:>2} "
+    return (f"{_mode(r):<9} {r['config']:<9} {r['subnets']:>2} "
             f"{r['median_ms']:>10.2f} {_fmt(r.get('ratio_vs_plain'), '>7.3f')} {r['ideal_ratio']:>7.3f} "
-            f"{_fmt(r.get('measured_over_ideal'), '>8.3f')} {_fmt(r.get('peak_mib'), '>10.1f')} "
+            f"{_fmt(r.get('measured_over_ideal'), '>8.3f')} {_fmt(r.get('measured_over_ideal_mean'), '>8.3f')} "
+            f"{_fmt(r.get('peak_mib'), '>10.1f')} "
             f"{_fmt(r.get('step_peak_mib'), '>10.1f')} {_fmt(r.get('memory_vs_plain'), '>7.2f')} "
             f"{_fmt(r.get('peak_worst_mib'), '>10.1f') if r.get('peak_worst_mib') else format('-', '>10')}"
             + (f" {r['wall_median_ms']:>10.2f}" if r.get('wall_median_ms') is not None else ''))
 
 
 def print_table(result: Dict[str, Any], out=sys.stdout) -> None:
-    hdr = (f"{'config':<9} {'mode':<8} {'M':>2} {'ms/step':>10} {'ratio':>7} {'ideal':>7} {'meas/id':>8} "
+    hdr = (f"{'mode':<9} {'config':<9} {'M':>2} {'ms/step':>10} {'ratio':>7} {'ideal':>7} {'meas/id':>8} {'mean m/i':>8} "
            f"{'peak MiB':>10} {'step MiB':>10} {'mem/pl':>7} {'worst MiB':>10}")
     clock = next((r.get('clock') for r in result['rows'] if r.get('clock')), 'wall')
     if clock == 'cpu':
@@ -717,7 +735,7 @@ def print_table(result: Dict[str, Any], out=sys.stdout) -> None:
                      if 'plain' in by else ''), file=out)
     for r in rows:
         if r.get('compiled') and 'compile_overhead_s' in r and r.get('compile_overhead_s') is not None:
-            print(f"[compiled] {r['config']} M={r['subnets']}: first step {r['warmup_first_step_s']:.2f} s, "
+            print(f"[{_mode(r)}] {r['config']} M={r['subnets']}: first step {r['warmup_first_step_s']:.2f} s, "
                   f"compile overhead {r['compile_overhead_s']:.2f} s, graphs in warm-up "
                   f"{r.get('dynamo_warmup', {}).get('unique_graphs', 'n/a')}, new graphs in timed steps "
                   f"{r.get('dynamo_timed', {}).get('unique_graphs', 'n/a')}, "
@@ -764,6 +782,9 @@ def parse_args(argv=None):
     p.add_argument('--compile-only', action='store_true', help='with --compile: skip the eager rows')
     p.add_argument('--compile-backend', default='inductor')
     p.add_argument('--compile-mode', default=None)
+    p.add_argument('--compile-scope', nargs='+', default=['full', 'blocks'], choices=['full', 'blocks'],
+                   help="compiled ST/ST++ rows: StimulativeTask.compile(scope=...) for each: 'full' = whole-model "
+                        "compile of the full pass, subnets eager; 'blocks' = every residual block compiled")
     p.add_argument('--no-compile-cache', action='store_true',
                    help="disable inductor's on-disk FX graph / AOT autograd caches (cold compile times)")
     p.add_argument('--graph-steps', type=int, default=50,

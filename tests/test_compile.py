@@ -1,4 +1,4 @@
-"""StimulativeTask.compile(): regional compile gives eager results and a bounded number of graphs.
+"""StimulativeTask.compile(): both scopes (full pass only, every block) give eager results and bounded graphs.
 
 Backends: 'aot_eager' (dynamo + AOT autograd, eager kernels) for the numerical comparison: it exercises
 the same graph capture, guards, recompiles and forward/backward graph split as inductor, without
@@ -84,17 +84,21 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_compiled_matches_eager(dynamo_clean):
+@pytest.mark.parametrize('scope', ['blocks', 'full'])
+def test_compiled_matches_eager(dynamo_clean, scope):
     """Same draws (subnets and sizes), same weights: compiled and eager losses, gradients and BN stats agree.
 
     Step 0 uses the default path (one backward of the summed loss), steps 1-2 the memory-lean path
-    (per-subnet autograd.grad inside forward, through the compiled blocks' AOT backward graphs).
+    (per-subnet autograd.grad inside forward; with scope='blocks' through the compiled blocks' AOT
+    backward graphs).
     """
     eager, stim = _make()
     compiled = copy.deepcopy(eager)
     crit = nn.CrossEntropyLoss()
     task = StimulativeTask(compiled, crit, stim, verbose=False)
-    task.compile(backend=BACKEND)
+    task.compile(backend=BACKEND, scope=scope)
+    full_model = task.trainable_module.full_model
+    assert (full_model is not None) == (scope == 'full')
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.05, momentum=0.9)
     opt_c = torch.optim.SGD(compiled.parameters(), lr=0.05, momentum=0.9)
     sizes_seen, specs_seen = set(), set()
@@ -106,7 +110,7 @@ def test_compiled_matches_eager(dynamo_clean):
         specs_seen.update(s.keep for s, _ in draws)
         out_e = stimulative_forward(eager, x, y, crit, stim, draws=draws)
         out_e['loss'].backward()
-        out_c = stimulative_forward(compiled, x, y, crit, stim, draws=draws)
+        out_c = stimulative_forward(compiled, x, y, crit, stim, draws=draws, full_model=full_model)
         out_c['loss'].backward()
         torch.testing.assert_close(out_c['loss'], out_e['loss'], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out_c['stim_loss'], out_e['stim_loss'], rtol=1e-5, atol=1e-5)
@@ -137,7 +141,7 @@ def test_graph_count_bounded(dynamo_clean):
     """
     model, stim = _make(num_subnets=2)
     task = StimulativeTask(model, nn.CrossEntropyLoss(), stim, verbose=False)
-    task.compile(backend=CAPTURE_BACKEND)
+    task.compile(backend=CAPTURE_BACKEND, scope='blocks')
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     n_blocks = len(stim.layout.blocks)
     history, sizes = [], set()
@@ -157,6 +161,39 @@ def test_graph_count_bounded(dynamo_clean):
     assert not dynamo_clean.messages, dynamo_clean.messages
 
 
+def test_full_scope_compiles_one_graph(dynamo_clean):
+    """scope='full' (train_stim.py's default): 12 ST++ steps with random depths and sizes compile exactly one
+    graph (the full network at the full size); subnets run eagerly, nothing recompiles; the parameters
+    and state_dict keys of the task's module are not duplicated by the compiled wrapper."""
+    model, stim = _make(num_subnets=2)
+    task = StimulativeTask(model, nn.CrossEntropyLoss(), stim, verbose=False)
+    n_params, keys = len(list(task.trainable_module.parameters())), list(task.trainable_module.state_dict())
+    eval_model = task.compile(backend=CAPTURE_BACKEND, scope='full')
+    assert len(list(task.trainable_module.parameters())) == n_params
+    assert list(task.trainable_module.state_dict()) == keys
+    assert task.model is model and eval_model is task.get_eval_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sizes, specs = set(), set()
+    for step in range(12):
+        x, y = _batch(step)
+        out = task(x, y)
+        out['loss'].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sizes.update(sz for _, sz in out['draws'])
+        specs.update(s.keep for s, _ in out['draws'])
+    assert len(sizes) >= 8 and len(specs) >= 2, (sizes, specs)
+    assert _graphs() == 1
+    assert counters['frames']['total'] == counters['frames']['ok'], dict(counters['frames'])
+    assert not dynamo_clean.messages, dynamo_clean.messages
+
+
+def test_compile_rejects_unknown_scope():
+    model, stim = _make()
+    with pytest.raises(ValueError, match="'full' or 'blocks'"):
+        StimulativeTask(model, nn.CrossEntropyLoss(), stim, verbose=False).compile(scope='model')
+
+
 def test_graph_count_bounded_bucketed_sizes(dynamo_clean):
     """With a few fixed subnet sizes (--stim-sizes), every size gets its own static graph: per block at most
     2 at the full size (BN tracking / frozen) + 1 per smaller size, and the count stops growing."""
@@ -164,7 +201,7 @@ def test_graph_count_bounded_bucketed_sizes(dynamo_clean):
     cfg = create_stim_config('st++', num_subnets=2, sizes=[32, 48, 64])
     stim = create_stimulator(model, cfg, full_size=FULL)
     task = StimulativeTask(model, nn.CrossEntropyLoss(), stim, verbose=False)
-    task.compile(backend=CAPTURE_BACKEND)
+    task.compile(backend=CAPTURE_BACKEND, scope='blocks')
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     history = []
     for step in range(12):
@@ -184,7 +221,7 @@ def test_compiled_blocks_survive_deepcopy(dynamo_clean):
     """EMA (ModelEmaV3) deep-copies the model: the copy's compiled blocks must use the copy's weights."""
     model, stim = _make()
     task = StimulativeTask(model, nn.CrossEntropyLoss(), stim, verbose=False)
-    task.compile(backend=CAPTURE_BACKEND)
+    task.compile(backend=CAPTURE_BACKEND, scope='blocks')
     ema = copy.deepcopy(model).eval()
     with torch.no_grad():
         for p in ema.parameters():

@@ -225,14 +225,16 @@ def stimulative_forward(
         stimulator: Optional[Stimulator],
         draws: Optional[List[Tuple[SubnetSpec, int]]] = None,
         grad_multiplier: float = 1.0,
+        full_model: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> Dict[str, Any]:
     """One stimulative training forward: full net + criterion + M subnets + stim loss.
 
     Returns a dict with 'loss' (to back-propagate), 'output' (full-network logits), 'main_loss',
     'stim_loss', and 'draws' ((SubnetSpec, input size) per subnet). With `stimulator` None or disabled
-    it is plain training.
+    it is plain training. `full_model` (e.g. `torch.compile(model)`) runs the full-network pass instead of
+    `model`; the subnet passes always run `model`.
     """
-    output = model(input)
+    output = (model if full_model is None else full_model)(input)
     if stimulator is None or not stimulator.enabled:
         loss = criterion(output, target)
         return {'loss': loss, 'output': output, 'main_loss': loss.detach(), 'draws': []}

@@ -32,10 +32,19 @@ class StimulativeModule(nn.Module):
         self.criterion = criterion
         self.stimulator = stimulator
         self.grad_multiplier = 1.0
+        self.set_full_model(None)
+
+    def set_full_model(self, full_model: Optional[Callable]) -> None:
+        """What runs the full-network pass (a compiled `module`), or None for `module` itself.
+
+        Stored outside the submodule registry: a compiled wrapper shares `module`'s parameters, and
+        registering it would list them (and the state_dict keys) twice.
+        """
+        object.__setattr__(self, 'full_model', full_model)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
         return stimulative_forward(self.module, input, target, self.criterion, self.stimulator,
-                                   grad_multiplier=self.grad_multiplier)
+                                   grad_multiplier=self.grad_multiplier, full_model=self.full_model)
 
 
 class StimulativeTask(TrainingTask):
@@ -95,15 +104,24 @@ class StimulativeTask(TrainingTask):
         self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
         return self
 
-    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
-        """Plain training: whole-model torch.compile. Stimulative training: regional compile (`compile_blocks`),
-        each residual block separately with the skip decision kept in Python, because a whole-model compile
-        would specialise on every skip pattern. Returns the eval model.
+    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, scope: str = 'full',
+                **compile_kwargs) -> nn.Module:
+        """torch.compile for training; returns the model to evaluate with.
+
+        scope='full' (default): one whole-model compile that runs the full-network pass (and evaluation);
+        the subnet passes run eagerly. The compiled graph only ever sees the full network at the full size,
+        so it never recompiles, and the full pass (the plain-training part of a step) gets the whole-model
+        speed-up. scope='blocks': regional compile (`compile_blocks`), every residual block compiled on its
+        own with the skip decision kept in Python, so subnet passes are compiled too; measured slower than
+        eager for ResNet-50 on an H200 (BENCHMARKS.md). Plain training (no stimulator) always compiles the
+        whole model.
         """
+        if scope not in ('full', 'blocks'):
+            raise ValueError(f"compile scope must be 'full' or 'blocks', got {scope!r}")
         model = self.model
-        if self.stimulator is None:
+        if self.stimulator is None or scope == 'full':
             compiled = torch.compile(model, backend=backend, mode=mode, **compile_kwargs)
-            self._stim_module().module = compiled
+            self._stim_module().set_full_model(compiled)
             self.eval_model = compiled
             return compiled
         compile_blocks(model, self.stimulator.layout, self.stimulator.size_sampler.sizes, backend=backend, mode=mode,
