@@ -548,6 +548,64 @@ class Bench:
         return {'hand_us': 1e6 * best['hand'], 'none_us': 1e6 * best['none'],
                 'overhead_us': 1e6 * (best['none'] - best['hand']), 'model': 'nn.Linear(16, 8), batch 4'}
 
+    def run_script_loop(self, rounds: int = 6) -> Dict[str, Any]:
+        """train_stim.py's epoch loop with --stim none vs a minimal timm loop over the same batches.
+
+        `train_stim.train_one_epoch` (what `train_stim.py --stim none` runs per epoch: StimulativeTask forward,
+        backward, update, EMA/scheduler hooks, on-device loss sums, log lines every 50 updates) against what a
+        timm user writes: ClassificationTask forward, backward, optimizer step, zero_grad. Both go through a
+        list of `--repeats` copies of the benchmark batch (no data loading: it is the same for both); separate
+        models with the same initial weights; interleaved rounds, per-step time = round time / batches.
+        """
+        import train_stim
+        from timm.task import ClassificationTask
+        a = self.args
+        batches = [(self.x, self.y)] * max(5, a.repeats)
+        targs = train_stim.parse_args(['--stim', 'none', '--model', a.model, '--log-interval', '50']
+                                      + (['--channels-last'] if a.channels_last else []))
+        targs.world_size, targs.rank, targs.distributed = 1, 0, False
+        crit = nn.CrossEntropyLoss()
+        script_model, minimal_model = self.new_model(), self.new_model()
+        script_task = StimulativeTask(script_model, crit, None, device=self.device, verbose=False)
+        minimal_task = ClassificationTask(minimal_model, criterion=crit, device=self.device, verbose=False)
+        script_opt, minimal_opt = self.new_optimizer(script_model), self.new_optimizer(minimal_model)
+
+        def script_epoch():
+            train_stim.train_one_epoch(0, script_task, batches, script_opt, targs, self.device,
+                                       amp_autocast=self.autocast)
+
+        def minimal_epoch():
+            for x, y in batches:
+                with self.autocast():
+                    loss = minimal_task(x, y)['loss']
+                loss.backward()
+                minimal_opt.step()
+                minimal_opt.zero_grad(set_to_none=True)
+
+        progress_bar, train_stim._progress_bar = train_stim._progress_bar, lambda *args, **kwargs: None  # timing only
+        try:
+            epochs = {'script': script_epoch, 'minimal': minimal_epoch}
+            for fn in epochs.values():  # warm-up (cudnn autotuning, allocator)
+                fn()
+            per_step = {k: [] for k in epochs}
+            for r in range(rounds):
+                for k in (('script', 'minimal') if r % 2 == 0 else ('minimal', 'script')):
+                    sync(self.device)
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    epochs[k]()
+                    sync(self.device)
+                    t = (time.process_time() - c0) if self.clock == 'cpu' else (time.perf_counter() - t0)
+                    per_step[k].append(1e3 * t / len(batches))
+        finally:
+            train_stim._progress_bar = progress_bar
+        med = {k: statistics.median(v) for k, v in per_step.items()}
+        out = {'script_ms': med['script'], 'minimal_ms': med['minimal'], 'ratio': med['script'] / med['minimal'],
+               'min_ratio': min(per_step['script']) / min(per_step['minimal']), 'per_round_ms': per_step,
+               'batches_per_round': len(batches), 'rounds': rounds, 'clock': self.clock}
+        del script_task, minimal_task, script_model, minimal_model, script_opt, minimal_opt
+        self.cleanup()
+        return out
+
     def run_graph_check(self) -> Dict[str, Any]:
         """Compiled ST++ M=1 for --graph-steps steps: unique dynamo graphs after each step."""
         a = self.args
@@ -578,8 +636,7 @@ class Bench:
         """cudnn.benchmark autotunes every new conv shape; ST++ draws up to ~130 sizes. Run the full net (fwd +
         bwd) once at every ST++ size before timing, so timed steps see steady-state (already tuned) kernels."""
         a = self.args
-        if getattr(self, 'prewarm_s', None) is not None or self.device.type != 'cuda' \
-                or not torch.backends.cudnn.benchmark or a.prewarm_max_s <= 0:
+        if getattr(self, 'prewarm_s', None) is not None or a.prewarm_max_s <= 0:
             return
         from timm_stim.sizes import SizeSampler, resize_batch, size_multiple
         model = self.new_model()
@@ -610,11 +667,14 @@ class Bench:
             if any(c in a.configs for c in ('plain', 'none', 'hand')):
                 if not compiled and 'none' in a.configs:
                     self.dispatch = self.run_dispatch_overhead()
+                    if a.script_loop:
+                        self._log('train_stim.py --stim none epoch loop vs a minimal timm loop')
+                        self.script_loop = self.run_script_loop(a.script_loop_rounds)
                 self._log(f'plain / none / hand (interleaved), compiled={compiled}')
                 rows.extend(self.run_overhead(compiled))
                 self.checkpoint(rows, graph_check)
             for config in [c for c in CONFIGS if c in a.configs and c not in ('plain', 'none', 'hand')]:
-                if config.startswith('st++'):
+                if config.startswith('st++') and self.device.type == 'cuda' and torch.backends.cudnn.benchmark:
                     self.prewarm_sizes()  # once, after the plain / ST rows are saved
                 for scope in (a.compile_scope if compiled else ['full']):
                     for m in a.subnets:
@@ -631,7 +691,8 @@ class Bench:
                 self._log(f'graph check: compiled ST++ M=1, {a.graph_steps} steps')
                 graph_check = self.run_graph_check()
         add_relative(rows)
-        return {'rows': rows, 'graph_check': graph_check, 'dispatch_overhead': getattr(self, 'dispatch', None)}
+        return {'rows': rows, 'graph_check': graph_check, 'dispatch_overhead': getattr(self, 'dispatch', None),
+                'script_loop': getattr(self, 'script_loop', None)}
 
     def checkpoint(self, rows, graph_check) -> None:
         """Write what is measured so far (a per-config timeout then still leaves results)."""
@@ -714,7 +775,8 @@ def format_row(r: Dict[str, Any]) -> str:
             + (f" {r['wall_median_ms']:>10.2f}" if r.get('wall_median_ms') is not None else ''))
 
 
-def print_table(result: Dict[str, Any], out=sys.stdout) -> None:
+def print_table(result: Dict[str, Any], out=None) -> None:
+    out = out or sys.stdout
     hdr = (f"{'mode':<9} {'config':<9} {'M':>2} {'ms/step':>10} {'ratio':>7} {'ideal':>7} {'meas/id':>8} {'mean m/i':>8} "
            f"{'peak MiB':>10} {'step MiB':>10} {'mem/pl':>7} {'worst MiB':>10}")
     clock = next((r.get('clock') for r in result['rows'] if r.get('clock')), 'wall')
@@ -747,6 +809,11 @@ def print_table(result: Dict[str, Any], out=sys.stdout) -> None:
               f"{d['none_us']:.1f} us: +{d['overhead_us']:.1f} us per step"
               + (f" = {100 * d['overhead_us'] / (1e3 * plain['median_ms']):.4f}% of this model's plain step"
                  if plain else ''), file=out)
+    sl = result.get('script_loop')
+    if sl:
+        print(f"[loop] train_stim.py --stim none epoch loop {sl['script_ms']:.2f} ms/step vs minimal timm loop "
+              f"{sl['minimal_ms']:.2f} ms/step: {sl['ratio']:.4f}x (min {sl['min_ratio']:.4f}x; "
+              f"{sl['rounds']} interleaved rounds of {sl['batches_per_round']} batches)", file=out)
     for r in rows:
         if r.get('config') == 'st++lean' and r.get('subnets', 0) > 1 and 'error' not in r:
             print(f"[{'compiled' if r['compiled'] else 'eager'}] memory-lean M={r['subnets']} peak vs ST++ M=1 (not lean): "
@@ -805,6 +872,10 @@ def parse_args(argv=None):
     p.add_argument('--prewarm-max-s', type=float, default=90.0,
                    help='CUDA + cudnn.benchmark: before the first ST++ config, run the full net once at every ST++ '
                         'size (at most this many seconds) so autotuning is not timed; 0: off')
+    p.add_argument('--no-script-loop', dest='script_loop', action='store_false',
+                   help="skip the train_stim.py --stim none epoch loop vs minimal timm loop comparison")
+    p.add_argument('--script-loop-rounds', type=int, default=6,
+                   help='interleaved rounds (of --repeats batches each) of that comparison')
     p.add_argument('--lr', type=float, default=1e-3)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', default=None, help='write results here')
