@@ -80,6 +80,21 @@ def _batch(seed, n=4):
     return torch.randn(n, 3, FULL, FULL, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
+def _train(task, model, steps):
+    """`steps` SGD steps of `task`; returns the dynamo graph count after each step and every (spec, size) drawn."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    history, draws = [], []
+    for step in range(steps):
+        x, y = _batch(step)
+        out = task(x, y)
+        out['loss'].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        draws.extend(out['draws'])
+        history.append(_graphs())
+    return history, draws
+
+
 def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -142,17 +157,9 @@ def test_graph_count_bounded(dynamo_clean):
     model, stim = _make(num_subnets=2)
     task = StimulativeTask(model, nn.CrossEntropyLoss(), stim, verbose=False)
     task.compile(backend=CAPTURE_BACKEND, scope='blocks')
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
     n_blocks = len(stim.layout.blocks)
-    history, sizes = [], set()
-    for step in range(20):
-        x, y = _batch(step)
-        out = task(x, y)
-        out['loss'].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sizes.update(sz for _, sz in out['draws'])
-        history.append(_graphs())
+    history, draws = _train(task, model, 20)
+    sizes = {sz for _, sz in draws}
     assert len(sizes) >= 10, sizes  # many sizes: without dynamic shapes this would be >= 10 graphs per block
     assert history[-1] <= 4 * n_blocks, (history, n_blocks)
     assert history[-1] >= n_blocks  # every block compiled at least once (full pass)
@@ -172,18 +179,10 @@ def test_full_scope_compiles_one_graph(dynamo_clean):
     assert len(list(task.trainable_module.parameters())) == n_params
     assert list(task.trainable_module.state_dict()) == keys
     assert task.model is model and eval_model is task.get_eval_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    sizes, specs = set(), set()
-    for step in range(12):
-        x, y = _batch(step)
-        out = task(x, y)
-        out['loss'].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sizes.update(sz for _, sz in out['draws'])
-        specs.update(s.keep for s, _ in out['draws'])
+    history, draws = _train(task, model, 12)
+    sizes, specs = {sz for _, sz in draws}, {s.keep for s, _ in draws}
     assert len(sizes) >= 8 and len(specs) >= 2, (sizes, specs)
-    assert _graphs() == 1
+    assert history == [1] * 12
     assert counters['frames']['total'] == counters['frames']['ok'], dict(counters['frames'])
     assert not dynamo_clean.messages, dynamo_clean.messages
 
@@ -202,14 +201,7 @@ def test_graph_count_bounded_bucketed_sizes(dynamo_clean):
     stim = create_stimulator(model, cfg, full_size=FULL)
     task = StimulativeTask(model, nn.CrossEntropyLoss(), stim, verbose=False)
     task.compile(backend=CAPTURE_BACKEND, scope='blocks')
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    history = []
-    for step in range(12):
-        x, y = _batch(step)
-        task(x, y)['loss'].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        history.append(_graphs())
+    history, _ = _train(task, model, 12)
     n_blocks = len(stim.layout.blocks)
     assert n_blocks <= history[-1] <= (2 + 2) * n_blocks, (history, n_blocks)
     assert history[-1] == history[-5], history
