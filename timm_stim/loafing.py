@@ -656,7 +656,9 @@ def _data_config_from_model(model: nn.Module) -> Dict[str, Any]:
     return {k: cfg[k] for k in _DATA_KEYS if cfg.get(k) is not None}
 
 
-def _is_export_folder(path: Path) -> bool:
+def _is_timm_model_folder(path: Path) -> bool:
+    """A folder timm's `local-dir:` loader reads: config.json with safetensors or .bin weights (any such folder,
+    not only our own exports, which `hub.is_export_folder` checks)."""
     return path.is_dir() and (path / 'config.json').is_file() and (
         (path / 'model.safetensors').is_file() or (path / 'pytorch_model.bin').is_file())
 
@@ -724,8 +726,8 @@ def load_model_for_loafing(
     path = Path(text)
     if text.startswith(('hf-hub:', 'local-dir:')):
         model, info = _load_hub_model(text, num_classes, model_kwargs)
-    elif path.is_dir() and not _has_checkpoints(path) and (_is_export_folder(path) or _is_export_folder(path / 'hf_export')):
-        export = path if _is_export_folder(path) else path / 'hf_export'
+    elif path.is_dir() and not _has_checkpoints(path) and any(map(_is_timm_model_folder, (path, path / 'hf_export'))):
+        export = path if _is_timm_model_folder(path) else path / 'hf_export'
         model, info = _load_hub_model(f'local-dir:{export}', num_classes, model_kwargs)
         info['label'] = path.name
     else:
