@@ -140,9 +140,9 @@ class Stimulator:
         """Sum of the M subnets' stim losses against the detached full-network logits.
 
         With `config.memory_lean` (and always under gradient checkpointing), each subnet's gradients are computed
-        right away with `torch.autograd.grad` and added to `.grad` (times `grad_multiplier`: the AMP loss scale divided by
-        the gradient-accumulation steps, i.e. what the caller applies to the loss before backward), so only
-        one subnet graph is alive at a time; the returned loss is then detached and only the full network's
+        right away with `torch.autograd.grad` and added to `.grad` (times `grad_multiplier`: the AMP loss scale
+        divided by the gradient-accumulation steps, i.e. what the caller applies to the loss before backward), so
+        only one subnet graph is alive at a time; the returned loss is then detached and only the full network's
         loss is back-propagated. `autograd.grad` does not accumulate into `.grad`, so DDP's gradient hooks
         fire only during that one backward, which all-reduces the sum.
         """
