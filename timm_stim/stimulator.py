@@ -140,11 +140,11 @@ class Stimulator:
         """Sum of the M subnets' stim losses against the detached full-network logits.
 
         With `config.memory_lean` (and always under gradient checkpointing), each subnet's gradients are computed
-        right away with `torch.autograd.grad` and added to `.grad` (times `grad_multiplier`: the AMP loss scale
-        divided by the gradient-accumulation steps, i.e. what the caller applies to the loss before backward), so
-        only one subnet graph is alive at a time; the returned loss is then detached and only the full network's
-        loss is back-propagated. `autograd.grad` does not accumulate into `.grad`, so DDP's gradient hooks
-        fire only during that one backward, which all-reduces the sum.
+        right away and added to `.grad` (times `grad_multiplier`: the AMP loss scale divided by the
+        gradient-accumulation steps, i.e. what the caller applies to the loss before backward), so only one
+        subnet graph is alive at a time; the returned loss is then detached and only the full network's loss is
+        back-propagated. Under torch.distributed this bypasses AccumulateGrad (`_accumulate_grads`), so DDP's
+        gradient hooks fire only during that one backward, which all-reduces the sum.
         """
         draws = draws if draws is not None else self.sample()
         teacher = teacher_logits.detach()
@@ -194,12 +194,20 @@ def uses_grad_checkpointing(model: nn.Module) -> bool:
         return True
     if use_reentrant_ckpt():
         raise ValueError('stimulative training needs non-reentrant gradient checkpointing (subnet gradients are '
-                         'taken with torch.autograd.grad); call timm.layers.set_reentrant_ckpt(False).')
+                         'taken inside the forward); call timm.layers.set_reentrant_ckpt(False).')
     return True
 
 
 def _accumulate_grads(loss: torch.Tensor, params: List[torch.Tensor]) -> None:
-    """Add d(loss)/d(params) to `.grad` without an AccumulateGrad pass (so no DDP hook fires)."""
+    """Add d(loss)/d(params) to `.grad`; under torch.distributed without an AccumulateGrad pass.
+
+    DDP's gradient hooks fire in AccumulateGrad, so with a process group the gradients are taken with
+    `autograd.grad` (a fresh full-size buffer) and added to `.grad` by hand. Without one nothing can be
+    listening, and `backward(inputs=...)` accumulates in place: no extra buffer, no extra pass over memory.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        torch.autograd.backward(loss, inputs=params)
+        return
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     existing, new = [], []
     for p, g in zip(params, grads):
