@@ -602,8 +602,6 @@ class Bench:
         out = {'script_ms': med['script'], 'minimal_ms': med['minimal'], 'ratio': med['script'] / med['minimal'],
                'min_ratio': min(per_step['script']) / min(per_step['minimal']), 'per_round_ms': per_step,
                'batches_per_round': len(batches), 'rounds': rounds, 'clock': self.clock}
-        del script_task, minimal_task, script_model, minimal_model, script_opt, minimal_opt
-        self.cleanup()
         return out
 
     def run_graph_check(self) -> Dict[str, Any]:
