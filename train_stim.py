@@ -42,6 +42,7 @@ from timm.utils import (AverageMeter, CheckpointSaver, NativeScaler, ParseKwargs
                         distribute_bn, get_outdir, init_distributed_device, random_seed, update_summary)
 
 from timm_stim import StimulativeTask, Stimulator, create_stim_config, parse_space, recalibrate_bn, smaller_input_kwargs
+from timm_stim.cli import report_error
 from timm_stim.data import DIGITS_INFO, DataConfigError, create_dataset_or_digits
 from timm_stim.hub import HubPushError, read_checkpoint as hub_read_checkpoint
 
@@ -634,11 +635,9 @@ def main(argv=None) -> int:
         check_args(args)
         return train(args)
     except (UsageError, DataConfigError) as e:
-        print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
-        return 2
+        return report_error(e, 2)
     except (TrainingDiverged, HubPushError) as e:
-        print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
-        return 1
+        return report_error(e, 1)
 
 
 def train(args) -> int:

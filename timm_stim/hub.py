@@ -39,6 +39,8 @@ try:
 except ImportError:  # older huggingface_hub keep it in utils only
     from huggingface_hub.utils import HfHubHTTPError
 
+from .cli import one_line, report_error
+
 _logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -454,7 +456,7 @@ def read_checkpoint(path: Union[str, Path]) -> Any:
         with allow_args:
             return torch.load(str(path), map_location='cpu', weights_only=True)
     except Exception as e:
-        raise ValueError(f'cannot read checkpoint {path}: {" ".join(str(e).split())[:300]}') from None
+        raise ValueError(f'cannot read checkpoint {path}: {one_line(e)[:300]}') from None
 
 
 def _select_state_dict(checkpoint: Any, use_ema: bool, path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
@@ -703,8 +705,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         url = run_push(args)
     except (HubPushError, ValueError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+        return report_error(e, 1)
     print(url)
     return 0
 

@@ -44,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .blocks import BlockLayout, SubnetSpec, find_residual_blocks, subnet
 from .bn import recalibrate_bn
+from .cli import report_error
 from .hub import load_checkpoint_into, parse_model_kwargs, read_checkpoint
 from .sampler import SubnetSampler
 
@@ -1011,8 +1012,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         out = run(args)
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+        return report_error(e, 1)
     print(format_summary(out['summary']))
     print('\nwrote ' + ', '.join(str(p) for p in out['files'].values()))
     return 0
