@@ -79,14 +79,14 @@ def test_embedded_default_one_epoch(tmp_path, stim):
     assert 'Acc@1' in res.stdout and 'error' not in res.stderr
 
 
-@pytest.mark.parametrize('stim', ['st++', 'none'])
-def test_torchcompile(tmp_path, stim):
-    """--torchcompile (dynamo + AOT autograd, eager kernels: inductor's C++ build takes minutes here), with the
-    default --stim-compile full under ST++ and a whole-model compile under --stim none: training and
+@pytest.mark.parametrize('stim,scope', [('st++', 'full'), ('st++', 'blocks'), ('none', 'full')])
+def test_torchcompile(tmp_path, stim, scope):
+    """--torchcompile (dynamo + AOT autograd, eager kernels: inductor's C++ build takes minutes here) under
+    ST++ with both --stim-compile scopes and a whole-model compile under --stim none: training and
     evaluation run, and the checkpoint holds plain timm keys."""
     out = tmp_path / 'out'
     res = run_train('--model', 'resnet18', '--stim', stim, '--epochs', '1', '--torchcompile', 'aot_eager',
-                    '--output', out, '--experiment', 'run', *FAST)
+                    '--stim-compile', scope, '--output', out, '--experiment', 'run', *FAST)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = read_summary(out / 'run')
     assert (float(rows[0]['train_stim_loss']) > 0.0) == (stim == 'st++') and float(rows[0]['eval_top1']) > 0.0
