@@ -8,14 +8,17 @@
 timm's training recipe rebuilt from timm's library (timm.data, .optim, .scheduler, .loss, .utils) around
 `timm_stim.StimulativeTask`. Each step runs the full network and M sampled subnetworks inside ONE forward of the
 task and back-propagates `main loss + stim weight * sum(stim losses)` in ONE backward, so DDP does one all-reduce
-per step. `--stim none` goes through the same loop without a stimulator. Flags keep timm's names and defaults;
-a -c/--config YAML (keys = argparse dest names, like timm's args.yaml) sets the defaults.
+per step. `--stim none` goes through the same loop without a stimulator and is timm's training: same flags and
+seed, same summary.csv (tests/test_timm_parity.py; differences in docs/timm_compat.md). Every timm train.py flag
+is accepted (timm_stim/train_args.py); -c/--config takes a recipe or any args.yaml, timm's included.
 
 Read top to bottom: arguments -> set-up -> train_one_epoch / validate -> checkpoints -> main -> Hub export.
 Exit codes: 0 done, 2 bad input (found before anything is written), 1 failure while training or pushing.
 """
 import argparse
 import difflib
+import importlib
+import json
 import logging
 import os
 import random
@@ -33,28 +36,29 @@ import torch.nn as nn
 import yaml
 
 import timm
-from timm.data import FastCollateMixup, create_loader, resolve_data_config
-from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_loader, resolve_data_config
+from timm.layers import convert_splitbn_model, set_fast_norm
+from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.utils import (AverageMeter, CheckpointSaver, NativeScaler, ParseKwargs, accuracy, dispatch_clip_grad,
-                        distribute_bn, get_outdir, init_distributed_device, random_seed, update_summary)
+from timm.utils import (AverageMeter, CheckpointSaver, NativeScaler, accuracy, dispatch_clip_grad, distribute_bn,
+                        get_outdir, init_distributed_device, random_seed, set_jit_fuser, update_summary)
 
 from timm_stim import StimulativeTask, Stimulator, create_stim_config, parse_space, recalibrate_bn, smaller_input_kwargs
-from timm_stim.cli import report_error
+from timm_stim.checkpoint import DATA_CONFIG_KEYS, clean_state_dict, read_training_checkpoint
+from timm_stim.cli import one_line, report_error
 from timm_stim.data import DIGITS_INFO, DataConfigError, create_dataset_or_digits
-from timm_stim.hub import HubPushError, read_checkpoint as hub_read_checkpoint
+from timm_stim.train_args import ArgsError, args_record, build_parser, check_args as check_flag_values
+from timm_stim.train_args import parse_args as parse_flags
+from timm_stim.hub import HubPushError
 
 _logger = logging.getLogger('train_stim')
 
 DIGITS_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'hparams', 'digits_resnet18.yaml')
-RUNTIME_KEYS = ('world_size', 'rank', 'local_rank', 'distributed', 'prefetcher', 'config')  # not flags
 CARD_ARGS = ('model', 'dataset', 'epochs', 'batch_size', 'opt', 'lr', 'sched', 'weight_decay')  # always on the card
 
-
-class UsageError(Exception):
-    """Bad input found before any work: printed as `error: <message>`, exit code 2."""
+UsageError = ArgsError  # bad input found before any work: printed as `error: <message>`, exit code 2
 
 
 class TrainingDiverged(Exception):
@@ -62,160 +66,8 @@ class TrainingDiverged(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
-
-def build_parser() -> argparse.ArgumentParser:
-    """All flags. Names and defaults are timm's train.py ones; --stim* and --hub* are timm_stim's."""
-    p = argparse.ArgumentParser(
-        description='Train a timm model with Stimulative Training (ST / ST++).',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog='Built-in data: with no --data-dir and --dataset "" or "digits", the scikit-learn digits are used '
-               '(32 px, 10 classes) and, unless -c is given, defaults come from hparams/digits_resnet18.yaml '
-               '(model, epochs, lr, batch size, augmentation); flags on the command line still win.')
-    p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML of defaults (keys = dest names)')
-    g = p.add_argument_group('Dataset')
-    g.add_argument('--data-dir', default=None, help='dataset root; none = built-in digits')
-    g.add_argument('--dataset', default='', help='timm dataset name: folder if empty, torch/cifar100, digits, ...')
-    g.add_argument('--train-split', default='train')
-    g.add_argument('--val-split', default='validation')
-    g.add_argument('--train-num-samples', type=int, default=None, help='train on a fixed random subset of N images')
-    g.add_argument('--dataset-download', action='store_true', help='allow torchvision datasets to download')
-    g.add_argument('--class-map', default='', help='class to index mapping file')
-    g = p.add_argument_group('Model')
-    g.add_argument('--model', default='resnet50', help='timm model name')
-    g.add_argument('--pretrained', action='store_true')
-    g.add_argument('--resume', default='', help='resume model, optimizer, samplers and RNGs from this checkpoint')
-    g.add_argument('--no-resume-opt', action='store_true', help='do not resume the optimizer state')
-    g.add_argument('--num-classes', type=int, default=None, help="default: the model's (10 on digits)")
-    g.add_argument('--img-size', type=int, default=None, help='train and eval image size')
-    g.add_argument('--input-size', type=int, nargs=3, default=None, metavar='N', help='C H W, overrides --img-size')
-    g.add_argument('--crop-pct', type=float, default=None, help='eval centre-crop fraction')
-    g.add_argument('--mean', type=float, nargs='+', default=None)
-    g.add_argument('--std', type=float, nargs='+', default=None)
-    g.add_argument('--interpolation', default='', help='eval resize interpolation')
-    g.add_argument('-b', '--batch-size', type=int, default=128, help='per process')
-    g.add_argument('-vb', '--validation-batch-size', type=int, default=None)
-    g.add_argument('--channels-last', action='store_true')
-    g.add_argument('--grad-accum-steps', type=int, default=1)
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='create_model kwargs: k=v ...')
-    g.add_argument('--torchcompile', nargs='?', const='inductor', default=None, help='torch.compile backend')
-    g.add_argument('--torchcompile-mode', default=None, help='torch.compile mode, e.g. max-autotune')
-    g = p.add_argument_group('Optimizer')
-    g.add_argument('--opt', default='sgd', help='timm optimizer: sgd, nesterov, adamw, lamb, ...')
-    g.add_argument('--opt-eps', type=float, default=None)
-    g.add_argument('--momentum', type=float, default=0.9)
-    g.add_argument('--weight-decay', type=float, default=2e-5)
-    g.add_argument('--clip-grad', type=float, default=None)
-    g.add_argument('--clip-mode', default='norm', help='norm, value or agc')
-    g = p.add_argument_group('Learning rate schedule')
-    g.add_argument('--sched', default='cosine', help='cosine, step, multistep, plateau, poly, tanh')
-    g.add_argument('--sched-on-updates', action='store_true', help='step the schedule every update')
-    g.add_argument('--lr', type=float, default=None, help='default: --lr-base scaled to the global batch')
-    g.add_argument('--lr-base', type=float, default=0.1)
-    g.add_argument('--lr-base-size', type=int, default=256)
-    g.add_argument('--lr-base-scale', default='', help="'linear' or 'sqrt' (default: by optimizer)")
-    g.add_argument('--warmup-lr', type=float, default=1e-5)
-    g.add_argument('--min-lr', type=float, default=0.0)
-    g.add_argument('--epochs', type=int, default=300)
-    g.add_argument('--start-epoch', type=int, default=None, help='override the epoch to start (or resume) at')
-    g.add_argument('--stop-epoch', type=int, default=None, help='end the run after epoch K of the full schedule')
-    g.add_argument('--decay-epochs', type=float, default=90)
-    g.add_argument('--warmup-epochs', type=int, default=5)
-    g.add_argument('--cooldown-epochs', type=int, default=0)
-    g.add_argument('--decay-rate', type=float, default=0.1)
-    g = p.add_argument_group('Augmentation and regularization')
-    g.add_argument('--no-aug', action='store_true')
-    g.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], help='random-resized-crop area range')
-    g.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.], help='random-resized-crop aspect')
-    g.add_argument('--hflip', type=float, default=0.5)
-    g.add_argument('--vflip', type=float, default=0.0)
-    g.add_argument('--color-jitter', type=float, default=0.4)
-    g.add_argument('--aa', default=None, help='auto-augment policy, e.g. rand-m9-mstd0.5-inc1')
-    g.add_argument('--reprob', type=float, default=0.0, help='random-erase probability')
-    g.add_argument('--remode', default='pixel')
-    g.add_argument('--recount', type=int, default=1)
-    g.add_argument('--mixup', type=float, default=0.0)
-    g.add_argument('--cutmix', type=float, default=0.0)
-    g.add_argument('--mixup-prob', type=float, default=1.0)
-    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
-    g.add_argument('--mixup-mode', default='batch')
-    g.add_argument('--mixup-off-epoch', type=int, default=0, help='no mixup from this epoch on (0 = never)')
-    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
-    g.add_argument('--bce-loss', action='store_true', help='binary cross-entropy instead of cross-entropy')
-    g.add_argument('--train-interpolation', default='random')
-    g.add_argument('--drop', type=float, default=0.0, help='dropout')
-    g.add_argument('--drop-path', type=float, default=None, help='stochastic depth')
-    g.add_argument('--sync-bn', action='store_true')
-    g.add_argument('--dist-bn', default='reduce', help="BN stats across ranks each epoch: broadcast, reduce or ''")
-    g.add_argument('--model-ema', action='store_true')
-    g.add_argument('--model-ema-decay', type=float, default=0.9998)
-    g = p.add_argument_group('Stimulative Training (None = the --stim preset\'s value)')
-    g.add_argument('--stim', default='st++', choices=['none', 'st', 'st++'], help='preset; none = plain training')
-    g.add_argument('--stim-space', default=None, help='st, st++, bernoulli[:p] or a K-list such as 1,2,4,1')
-    g.add_argument('--stim-loss', default=None, choices=['kl', 'kl-'], help='kl (ST) or kl- (ST++)')
-    g.add_argument('--stim-weight', type=float, default=None, help='lambda per subnet (1)')
-    g.add_argument('--stim-temperature', type=float, default=None, help='KL temperature (1)')
-    g.add_argument('--stim-amplitude', type=float, default=None, help='A of the KL- standardization (1)')
-    g.add_argument('--stim-subnets', type=int, default=None, help='subnets per step, M (1)')
-    g.add_argument('--stim-min-scale', type=float, default=None,
-                   help='smallest subnet input / image size, in (0, 1] (st++: 0.43, st: 1 = off)')
-    g.add_argument('--stim-sizes', type=int, nargs='+', default=None, help='fixed subnet input sizes instead')
-    g.add_argument('--stim-bn', default=None, choices=['freeze', 'update'], help='BN running stats in subnet passes')
-    g.add_argument('--stim-start-epoch', type=int, default=0, help='train plainly before this epoch')
-    g.add_argument('--stim-blocks', nargs='+', default=None, help='residual block module paths (default: found)')
-    g.add_argument('--stim-per-rank', action='store_true', help='independent subnets on every rank')
-    g.add_argument('--stim-size-fallback', action='store_true', help='full-size subnets if the model needs it')
-    g.add_argument('--stim-memory-lean', action='store_true', help='one subnet graph alive at a time')
-    g.add_argument('--stim-compile', default='full', choices=['full', 'blocks'],
-                   help='with --torchcompile: compile the full-network pass only (subnets eager) or every '
-                        'residual block (subnets too; see BENCHMARKS.md)')
-    g.add_argument('--stim-bn-recal', type=int, default=0, metavar='N',
-                   help='re-estimate BN statistics on N training images before each validation (authors: 2000)')
-    g.add_argument('--loafing-eval', type=int, default=0, metavar='N',
-                   help='at the end, evaluate the full net and N random ST-space subnets (timm_stim.loafing); '
-                        'results in <output>/loafing and, with --push-to-hub, in the model card')
-    g = p.add_argument_group('Hugging Face Hub (token from HF_TOKEN or `hf auth login`)')
-    g.add_argument('--push-to-hub', action='store_true', help='export a plain timm model at the end and push it')
-    g.add_argument('--hub-repo-id', default=None, help='owner/name')
-    g.add_argument('--hub-private', action='store_true')
-    g.add_argument('--hub-revision', default=None, help='branch to push to')
-    g.add_argument('--hub-weights', default='best', choices=['best', 'last', 'ema'])
-    g = p.add_argument_group('Misc')
-    g.add_argument('--seed', type=int, default=42)
-    g.add_argument('--log-interval', type=int, default=50, help='updates between log lines')
-    g.add_argument('--recovery-interval', type=int, default=0, help='recovery checkpoint every N batches')
-    g.add_argument('--checkpoint-hist', type=int, default=10)
-    g.add_argument('-j', '--workers', type=int, default=4)
-    g.add_argument('--pin-mem', action='store_true')
-    g.add_argument('--output', default='', help='output root; ./output/train if empty')
-    g.add_argument('--experiment', default='', help='run folder name; date-time-model-size if empty')
-    g.add_argument('--eval-metric', default='top1', choices=['top1', 'top5', 'loss'])
-    g.add_argument('--amp', action='store_true', help='mixed precision (autocast)')
-    g.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'])
-    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    return p
-
-
-def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
-    """Read a YAML of parser defaults; unknown keys and bad choices are errors, not silently ignored."""
-    try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise UsageError(f'cannot read config {path}: {e.strerror}') from None
-    except yaml.YAMLError as e:
-        raise UsageError(f'config {path} is not valid YAML: {e}') from None
-    if not isinstance(cfg, dict):
-        raise UsageError(f'config {path} must map argument names to values')
-    actions = {a.dest: a for a in parser._actions}
-    for key, value in cfg.items():
-        if key not in actions and key not in RUNTIME_KEYS:
-            close = difflib.get_close_matches(str(key), list(actions), n=1)
-            raise UsageError(f'unknown key {key!r} in config {path}' + (f' (did you mean {close[0]!r}?)' if close else
-                             "; keys are argument names with '_', e.g. batch_size"))
-        if key in actions and actions[key].choices and value not in actions[key].choices:
-            raise UsageError(f'{key}: {value!r} in config {path} is not one of {list(actions[key].choices)}')
-    return {k: v for k, v in cfg.items() if k not in RUNTIME_KEYS}
-
+# The flags are timm's train.py flags (same names, dests, defaults, groups and order) plus --stim* / --hub*:
+# timm_stim/train_args.py. Checking every value happens there too, in one table-driven function.
 
 def uses_digits(args) -> bool:
     """The built-in default data: no data dir and no dataset (or 'digits')."""
@@ -227,45 +79,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     On the built-in digits without -c, hparams/digits_resnet18.yaml serves as the config.
     """
-    config_parser = argparse.ArgumentParser(add_help=False)
-    config_parser.add_argument('-c', '--config', default='')
-    args_config, remaining = config_parser.parse_known_args(argv)
-    parser = build_parser()
-    if args_config.config:
-        parser.set_defaults(**load_config(args_config.config, parser))
-    args = parser.parse_args(remaining)
-    args.config, args.digits_recipe = args_config.config, False
-    if not args.config and uses_digits(args) and os.path.isfile(DIGITS_RECIPE):
-        parser.set_defaults(**load_config(DIGITS_RECIPE, parser))
-        args = parser.parse_args(remaining)
-        args.config, args.digits_recipe = '', True
+    args = parse_flags(argv, default_config=lambda a: DIGITS_RECIPE if uses_digits(a) and os.path.isfile(
+        DIGITS_RECIPE) else None)
+    args.digits_recipe = bool(args.default_config)
     return args
 
 
 def check_args(args) -> None:
-    """Flag values and combinations that cannot work, reported before any work."""
+    """Every flag's type and range (train_args.check_args), then what only this script knows about."""
+    check_flag_values(args)
     if args.config and not args.data_dir and not args.dataset:
         raise UsageError(f'{args.config} trains on an image folder: pass --data-dir (or --dataset digits to try it '
                          f'on the built-in digits)')
-    for name in ('batch_size', 'epochs', 'grad_accum_steps', 'log_interval'):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-    if args.stop_epoch is not None and args.stop_epoch < 1:
-        raise UsageError(f'--stop-epoch must be >= 1 (got {args.stop_epoch})')
     if args.stim != 'none':
-        if args.stim_min_scale is not None and not 0.0 < args.stim_min_scale <= 1.0:
-            raise UsageError(f'--stim-min-scale must be in (0, 1] (got {args.stim_min_scale}); 1 turns smaller '
-                             f'subnet inputs off')
-        if args.stim_subnets is not None and args.stim_subnets < 1:
-            raise UsageError(f'--stim-subnets must be >= 1 (got {args.stim_subnets}); --stim none trains plainly')
         try:
             parse_space(args.stim_space or args.stim)
         except ValueError as e:
             raise UsageError(f'--stim-space: {e}') from None
-    if args.loafing_eval < 0:
-        raise UsageError(f'--loafing-eval must be >= 0 subnets (got {args.loafing_eval})')
-    if args.resume and not os.path.isfile(args.resume):
-        raise UsageError(f'--resume checkpoint {args.resume} does not exist')
     if args.push_to_hub:
         from timm_stim.hub import check_can_push, check_repo_id
         if not args.hub_repo_id:
@@ -314,11 +144,26 @@ def create_model(args, stim_config):
         for key, value in smaller_input_kwargs(name).items():
             kwargs.setdefault(key, value)
     args.model_kwargs = kwargs  # recorded in args.yaml, checkpoints and the Hub export's model_args
-    try:
-        model = timm.create_model(name, pretrained=args.pretrained, num_classes=args.num_classes,
-                                  drop_rate=args.drop, drop_path_rate=args.drop_path, **kwargs)
+    factory = {}  # --pretrained-path: a local weights file instead of the model's default source, head adapted
+    if args.pretrained_path:
+        factory['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    try:  # timm.create_model drops the None ones, so a model that does not take e.g. bn_eps still builds
+        model = timm.create_model(
+            name, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes, drop_rate=args.drop,
+            drop_path_rate=args.drop_path, drop_block_rate=args.drop_block, global_pool=args.gp,
+            bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, scriptable=args.torchscript,
+            checkpoint_path=args.initial_checkpoint, **factory, **kwargs)
     except TypeError as e:
         raise UsageError(f'cannot create {name} with {kwargs}: {e}') from None
+    with torch.no_grad():
+        if args.head_init_scale is not None:
+            model.get_classifier().weight.mul_(args.head_init_scale)
+            model.get_classifier().bias.mul_(args.head_init_scale)
+        if args.head_init_bias is not None:
+            model.get_classifier().bias.fill_(args.head_init_bias)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(enable=True)
     args.num_classes = model.num_classes
     return model
 
@@ -340,55 +185,89 @@ class _Subset(torch.utils.data.Dataset):
         return self.dataset[self.indices[i]]
 
 
-def create_datasets(args, img_size: int) -> list:
-    """Train and validation datasets; a bad data dir / dataset raises DataConfigError before any work."""
-    kwargs = dict(img_size=img_size, class_map=args.class_map, download=args.dataset_download,
-                  batch_size=args.batch_size, seed=args.seed)
-    train = create_dataset_or_digits(args.dataset, args.data_dir, args.train_split, is_training=True,
-                                     num_samples=args.train_num_samples, **kwargs)
-    val = create_dataset_or_digits(args.dataset, args.data_dir, args.val_split, is_training=False, **kwargs)
-    num = args.train_num_samples
+def create_datasets(args, data_config) -> list:
+    """Train and validation (None when --val-split is '') datasets; a bad data dir / dataset raises
+    DataConfigError before any work."""
+    img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
+    kwargs = dict(img_size=data_config['input_size'][-1], class_map=args.class_map, download=args.dataset_download,
+                  batch_size=args.batch_size, input_img_mode=img_mode, input_key=args.input_key,
+                  target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)
+    train = create_dataset_or_digits(args.dataset, args.data_dir, args.train_split, is_training=True, seed=args.seed,
+                                     repeats=args.epoch_repeats, num_samples=args.train_num_samples, **kwargs)
+    val = create_dataset_or_digits(args.dataset, args.data_dir, args.val_split, is_training=False,
+                                   num_samples=args.val_num_samples, **kwargs) if args.val_split else None
+    num = args.train_num_samples  # timm ignores it for map-style datasets; here it takes a fixed random subset
     if num and not isinstance(train, torch.utils.data.IterableDataset) and num < len(train):
         train = _Subset(train, num)
+    if args.aug_splits > 1:  # AugMix: several augmented views of each image (plain training only)
+        train = AugMixDataset(train, num_splits=args.aug_splits)
     return train, val
 
 
-def create_loaders(args, data_config, datasets, device, mixup_active: bool):
-    """timm's create_loader for train (augmentation, mixup collate) and eval; both normalise on the device."""
-    collate_fn = FastCollateMixup(
-        mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob, switch_prob=args.mixup_switch_prob,
-        mode=args.mixup_mode, label_smoothing=args.smoothing, num_classes=args.num_classes) if mixup_active else None
+def create_loaders(args, data_config, datasets, device, mixup_active: bool, model_dtype=None):
+    """timm's create_loader for train (augmentation, mixup) and eval (None without a validation split).
+
+    Returns (train loader, eval loader, mixup_fn): with the prefetcher (default) mixup runs in the collate and
+    normalisation on the device; with --no-prefetcher mixup_fn mixes each batch in the training loop.
+    """
+    mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                      label_smoothing=args.smoothing, num_classes=args.num_classes)
+    if args.aug_repeats and (not args.distributed or isinstance(datasets[0], torch.utils.data.IterableDataset)):
+        raise UsageError('--aug-repeats needs distributed training (torchrun) on a map-style dataset, as in timm')
+    prefetcher = not args.no_prefetcher
+    collate_fn = FastCollateMixup(**mixup_args) if mixup_active and prefetcher else None
+    mixup_fn = Mixup(**mixup_args) if mixup_active and not prefetcher else None
     common = dict(input_size=data_config['input_size'], mean=data_config['mean'], std=data_config['std'],
-                  num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem, device=device)
+                  distributed=args.distributed, pin_memory=args.pin_mem, device=device, use_prefetcher=prefetcher,
+                  img_dtype=model_dtype or torch.float32)
     loader_train = create_loader(
         datasets[0], batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
-        re_mode=args.remode, re_count=args.recount, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
-        vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-        interpolation=args.train_interpolation, collate_fn=collate_fn, **common)
-    loader_eval = create_loader(
-        datasets[1], batch_size=args.validation_batch_size or args.batch_size, is_training=False,
-        interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
+        re_mode=args.remode, re_count=args.recount, re_split=args.resplit, train_crop_mode=args.train_crop_mode,
+        scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
+        gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa, num_aug_repeats=args.aug_repeats,
+        num_aug_splits=args.aug_splits if args.aug_splits > 1 else 0,
+        interpolation=args.train_interpolation if args.train_interpolation and not args.no_aug
+        else data_config['interpolation'], num_workers=args.workers, worker_seeding=args.worker_seeding,
+        collate_fn=collate_fn, use_multi_epochs_loader=args.use_multi_epochs_loader, **common)
+    loader_eval = None
+    if datasets[1] is not None:
+        few_workers = args.distributed and ('tfds' in args.dataset or 'wds' in args.dataset)  # less DDP padding
+        loader_eval = create_loader(
+            datasets[1], batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+            interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
+            num_workers=min(2, args.workers) if few_workers else args.workers, **common)
     if len(loader_train) == 0:
         raise UsageError(f'{len(datasets[0])} training images make no full batch of {args.batch_size} per process')
-    return loader_train, loader_eval
+    return loader_train, loader_eval, mixup_fn
 
 
 def create_criterion(args, mixup_active: bool) -> nn.Module:
     """timm's training loss: soft-target CE under mixup, label smoothing, or BCE."""
-    if mixup_active:
-        return BinaryCrossEntropy() if args.bce_loss else SoftTargetCrossEntropy()
+    bce = dict(target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum, pos_weight=args.bce_pos_weight)
+    if args.jsd_loss:
+        return JsdCrossEntropy(num_splits=args.aug_splits, smoothing=args.smoothing)
+    if mixup_active:  # mixup makes soft targets, label smoothing included
+        return BinaryCrossEntropy(**bce) if args.bce_loss else SoftTargetCrossEntropy()
     if args.smoothing:
-        return (BinaryCrossEntropy(smoothing=args.smoothing) if args.bce_loss
+        return (BinaryCrossEntropy(smoothing=args.smoothing, **bce) if args.bce_loss
                 else LabelSmoothingCrossEntropy(smoothing=args.smoothing))
-    return BinaryCrossEntropy() if args.bce_loss else nn.CrossEntropyLoss()
+    return nn.CrossEntropyLoss()  # timm: plain CE here, even with --bce-loss
 
 
 # ------------------------------------------------------------------------------------------- training, validation
 
 def train_one_epoch(epoch, task, loader, optimizer, args, device, loss_scaler=None, amp_autocast=nullcontext,
-                    lr_scheduler=None, saver=None) -> OrderedDict:
+                    lr_scheduler=None, saver=None, mixup_fn=None, model_dtype=None, output_dir=None) -> OrderedDict:
     """One epoch: a forward (full net + subnets) and a backward per batch, an update every grad_accum_steps."""
+    if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        if mixup_fn is not None:
+            mixup_fn.mixup_enabled = False
+        elif hasattr(loader, 'mixup_enabled'):
+            loader.mixup_enabled = False
     task.train()
+    second_order = getattr(optimizer, 'is_second_order', False)
     accum, num_batches = args.grad_accum_steps, len(loader)
     last_accum = num_batches % accum or accum  # a shorter accumulation at the end of the epoch
     updates_per_epoch = (num_batches + accum - 1) // accum
@@ -399,14 +278,21 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, loss_scaler=No
     step_time, data_time = AverageMeter(), AverageMeter()
     bar = _progress_bar(loader, args, f'Train {epoch}')
     last_log, last_log_updates, end = time.time(), num_updates, time.time()
+    grad_steps = None  # accumulation steps the task's in-forward subnet backward divides by
+    optimizer.zero_grad()
     for batch_idx, (input, target) in enumerate(bar or loader):
         data_time.update(time.time() - end)
         need_update = batch_idx == num_batches - 1 or (batch_idx + 1) % accum == 0
         steps = last_accum if batch_idx >= num_batches - last_accum else accum
+        if args.no_prefetcher:  # the prefetcher has already moved (and mixed) the batch
+            input, target = input.to(device=device, dtype=model_dtype), target.to(device=device)
+            if mixup_fn is not None:
+                input, target = mixup_fn(input, target)
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
-        if stimulator is not None:  # memory-lean / grad-checkpointed subnet gradients are made inside the forward
-            task.set_grad_multiplier((loss_scaler.state_dict()['scale'] if loss_scaler else 1.0) / steps)
+        if stimulator is not None and steps != grad_steps:  # memory-lean subnets back-propagate inside forward
+            task.set_grad_multiplier(1.0 / steps)  # a Python number: no host-device sync (the AMP scale is given once)
+            grad_steps = steps
 
         with task.no_sync() if not need_update else nullcontext():  # DDP: all-reduce on the last micro-step only
             with amp_autocast():
@@ -415,9 +301,9 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, loss_scaler=No
             params = task.get_clip_parameters(exclude_head='agc' in args.clip_mode)
             if loss_scaler is not None:
                 loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                            parameters=params, need_update=need_update)
+                            parameters=params, create_graph=second_order, need_update=need_update)
             else:
-                loss.backward()
+                loss.backward(create_graph=second_order)
                 if need_update:
                     if args.clip_grad is not None:
                         dispatch_clip_grad(params, args.clip_grad, mode=args.clip_mode)
@@ -429,36 +315,59 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, loss_scaler=No
         if out['draws']:
             summary = stimulator.depth_summary(out['draws'])
             depth, size = depth + summary['depth_frac'] * n, size + summary['size'] * n
-        if saver is not None and args.recovery_interval and (batch_idx + 1) % args.recovery_interval == 0 \
-                and torch.isfinite(sums).all():  # as in timm, a recovery checkpoint resumes at the next epoch
-            saver.save_recovery(epoch, batch_idx=batch_idx)
-        if need_update:
-            num_updates += 1
-            optimizer.zero_grad(set_to_none=True)
-            task.update_ema(step=num_updates)
-            if lr_scheduler is not None:
-                lr_scheduler.step_update(num_updates=num_updates)
-            update_idx = num_updates - epoch * updates_per_epoch - 1
-            if update_idx % args.log_interval == 0 or batch_idx == num_batches - 1:
-                loss_avg, main_avg, stim_avg = _mean_over_ranks(sums, count, epoch, update_idx, args)
-                step_time.update((time.time() - last_log) / (num_updates - last_log_updates))
-                last_log, last_log_updates = time.time(), num_updates
-                stim_text = (f'Main: {main_avg:.4f}  Stim: {stim_avg:.4f}  Depth: {depth / count:.3f}  '
-                             f'Size: {size / count:.1f}  ' if stimulator is not None else '')
-                text = (f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
-                        f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  Loss: {loss_avg:#.4g}  {stim_text}'
-                        f'Step: {step_time.val:.3f}s  {n * accum * args.world_size / step_time.val:>7.1f} img/s  '
-                        f'LR: {optimizer.param_groups[0]["lr"]:.3e}  Data: {data_time.avg:.3f}s')
-                if args.rank == 0:
-                    (bar.write if bar else _logger.info)(text)
+        if not need_update:
+            end = time.time()
+            continue
+        num_updates += 1
+        update_idx = num_updates - epoch * updates_per_epoch - 1
+        optimizer.zero_grad(set_to_none=True)
+        task.update_ema(step=num_updates)
+        if args.synchronize_step and device.type == 'cuda':
+            torch.cuda.synchronize()
+        if update_idx % args.log_interval == 0 or batch_idx == num_batches - 1:
+            loss_avg, main_avg, stim_avg = _mean_over_ranks(sums, count, epoch, update_idx, args)
+            step_time.update((time.time() - last_log) / (num_updates - last_log_updates))
+            last_log, last_log_updates = time.time(), num_updates
+            stim_text = (f'Main: {main_avg:.4f}  Stim: {stim_avg:.4f}  Depth: {depth / count:.3f}  '
+                         f'Size: {size / count:.1f}  ' if stimulator is not None else '')
+            lrs = [group['lr'] for group in optimizer.param_groups]
+            text = (f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
+                    f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  Loss: {loss_avg:#.4g}  {stim_text}'
+                    f'Step: {step_time.val:.3f}s  {n * accum * args.world_size / step_time.val:>7.1f} img/s  '
+                    f'LR: {sum(lrs) / len(lrs):.3e}  Data: {data_time.avg:.3f}s')
+            if args.rank == 0:
+                (bar.write if bar else _logger.info)(text)
+                if args.save_images and output_dir:
+                    import torchvision.utils
+                    torchvision.utils.save_image(input, os.path.join(output_dir, f'train-batch-{batch_idx}.jpg'),
+                                                 padding=0, normalize=True)
+        if saver is not None and args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0 \
+                and torch.isfinite(sums).all():  # every N updates; as in timm, it resumes at the next epoch
+            saver.save_recovery(epoch, batch_idx=update_idx)
+        if lr_scheduler is not None:  # only a plateau schedule uses the running loss
+            lr_scheduler.step_update(num_updates=num_updates,
+                                     metric=sums[0].item() / count if args.sched == 'plateau' else None)
         end = time.time()
+    if hasattr(optimizer, 'sync_lookahead'):
+        optimizer.sync_lookahead()
 
     loss_avg, main_avg, stim_avg = _mean_over_ranks(sums, count, epoch, updates_per_epoch - 1, args)
-    metrics = OrderedDict(loss=loss_avg, main_loss=main_avg, stim_loss=stim_avg)
-    if task.stimulator is not None:  # nan before --stim-start-epoch, so summary.csv keeps its columns
-        metrics.update(depth_frac=depth / count if stimulator else float('nan'),
+    if task.stimulator is None:  # plain training: timm's summary.csv columns
+        return OrderedDict(loss=loss_avg)
+    # nan before --stim-start-epoch, so summary.csv keeps its columns
+    return OrderedDict(loss=loss_avg, main_loss=main_avg, stim_loss=stim_avg,
+                       depth_frac=depth / count if stimulator else float('nan'),
                        stim_size=size / count if stimulator else float('nan'))
-    return metrics
+
+
+def set_loader_epoch(loader, epoch: int) -> None:
+    """Tell the dataset (iterable: wds/tfds/hfids), batch sampler or sampler which epoch starts (reshuffle)."""
+    if hasattr(loader.dataset, 'set_epoch'):
+        loader.dataset.set_epoch(epoch)
+    if hasattr(loader.batch_sampler, 'set_epoch'):
+        loader.batch_sampler.set_epoch(epoch)
+    elif hasattr(loader.sampler, 'set_epoch'):
+        loader.sampler.set_epoch(epoch)
 
 
 def _progress_bar(loader, args, desc):
@@ -488,17 +397,22 @@ def _mean_over_ranks(sums, count, epoch, update_idx, args) -> list:
 
 
 @torch.no_grad()
-def validate(model, loader, args, amp_autocast=nullcontext) -> OrderedDict:
+def validate(model, loader, args, amp_autocast=nullcontext, model_dtype=None) -> OrderedDict:
     """Loss and top-1/top-5 (%) of the full network on the validation set, summed exactly over ranks."""
     model.eval()
     limit = getattr(loader.sampler, 'num_valid_samples', None) if args.distributed else None  # drop DDP padding
     sums, seen = torch.zeros(4, dtype=torch.float64, device=args.device), 0  # loss, top-1, top-5 hits, samples
     for input, target in loader:
+        if args.no_prefetcher:
+            input, target = input.to(device=args.device, dtype=model_dtype), target.to(device=args.device)
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
         with amp_autocast():
             output = model(input)
         output = (output[0] if isinstance(output, (tuple, list)) else output).float()
+        if args.tta > 1:  # test-time augmentation: average each run of --tta consecutive outputs
+            output = output.unfold(0, args.tta, args.tta).mean(dim=2)
+            target = target[0:target.size(0):args.tta]
         if limit is not None:
             output, target = output[:max(0, limit - seen)], target[:max(0, limit - seen)]
         n, seen = output.shape[0], seen + output.shape[0]
@@ -552,14 +466,11 @@ class CheckpointContents:
 
 
 def read_checkpoint(path: str) -> dict:
-    """Load a training checkpoint safely (weights_only); a truncated or corrupt file is a one-line error."""
+    """A training checkpoint read safely by timm_stim.checkpoint; an unusable file is bad input (exit 2)."""
     try:
-        ckpt = hub_read_checkpoint(path)
-    except ValueError as e:
-        raise UsageError(f'{e} (truncated or corrupt?)') from None
-    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
-        raise UsageError(f'{path} is not a train_stim / timm training checkpoint (no state_dict)')
-    return ckpt
+        return read_training_checkpoint(path)
+    except (ValueError, OSError) as e:
+        raise UsageError(one_line(e)) from None
 
 
 def resume(args, task, optimizer, loss_scaler) -> tuple:
@@ -568,7 +479,7 @@ def resume(args, task, optimizer, loss_scaler) -> tuple:
     Returns (epoch to start at, the checkpoint's train_state with every rank's RNG states).
     """
     ckpt = read_checkpoint(args.resume)
-    state_dict = {k[7:] if k.startswith('module.') else k: v for k, v in ckpt['state_dict'].items()}
+    state_dict = clean_state_dict(ckpt['state_dict'])
     expected = task.model.state_dict()
     bad = ([f'missing {k}' for k in expected if k not in state_dict] +
            [f'unexpected {k}' for k in state_dict if k not in expected] +
@@ -618,13 +529,6 @@ def restore_rng_states(states: list, args) -> None:
         torch.cuda.set_rng_state(state['cuda'])
 
 
-def args_record(args) -> dict:
-    """Final argument values (flags + world_size) as plain YAML types, for args.yaml and checkpoints."""
-    keys = [a.dest for a in build_parser()._actions if a.dest != 'help'] + ['world_size']
-    plain = lambda v: [plain(x) for x in v] if isinstance(v, (list, tuple)) else v  # noqa: E731
-    return {k: plain(getattr(args, k)) for k in keys if hasattr(args, k)}
-
-
 # ----------------------------------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -641,14 +545,26 @@ def main(argv=None) -> int:
 
 
 def train(args) -> int:
-    """Set everything up (every input check first, output folder last), run the epochs, push to the Hub."""
+    """Set everything up (every input check first, output folder last), run the epochs, push to the Hub.
+
+    The order is timm's train.py, so that `--stim none` draws the same random numbers and trains the same run.
+    """
     start_time = time.time()
+    for module in args.device_modules or []:  # e.g. a backend that registers a device type
+        importlib.import_module(module)
     device = init_distributed_device(args)
     if args.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
-    if args.distributed:
-        _logger.info(f'Distributed: {args.world_size} processes, this is rank {args.rank} on {device}')
-    random_seed(args.seed)  # the same initial weights (and EMA copy) on every rank; per-rank seeds once set up
+    _logger.info(f'Distributed: {args.world_size} processes, this is rank {args.rank} on {device}' if args.distributed
+                 else f'Training with a single process on {device}')
+    model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
+    # Seed once, before the model is built, per rank, as timm does: DDP copies rank 0's weights to every rank,
+    # the data order, augmentation and stochastic depth differ per rank. No re-seeding later.
+    random_seed(args.seed, args.rank)
+    if args.fuser:
+        set_jit_fuser(args.fuser)
+    if args.fast_norm:
+        set_fast_norm()
     if args.digits_recipe:
         _logger.info(f'Built-in digits dataset: defaults from {DIGITS_RECIPE} (flags override them)')
     if uses_digits(args):  # the digits data config, unless a flag or the config says otherwise
@@ -661,12 +577,19 @@ def train(args) -> int:
     # Model, stimulator and data: every input error surfaces here, before anything is written.
     stim_config = create_stim_options(args)
     model = create_model(args, stim_config)
+    _logger.info(f'Model {safe_model_name(args.model)} created, param count: '
+                 f'{sum(p.numel() for p in model.parameters())}')
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
-    if args.sync_bn and args.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
+    if args.split_bn:  # BatchNorm per augmentation split (plain training only, checked in train_args)
+        model = convert_splitbn_model(model, max(args.aug_splits, 2))
+    model.to(device=device, dtype=model_dtype)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if args.sync_bn and args.distributed:
+        args.dist_bn = ''  # synchronized statistics need no averaging after the epoch
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.torchscript:
+        model = torch.jit.script(model)
     stimulator = None
     if stim_config is not None:
         try:  # finds the residual blocks and checks (one dry forward) that smaller inputs work
@@ -674,47 +597,63 @@ def train(args) -> int:
                                     rank=args.rank)
         except ValueError as e:  # NoResidualBlocksError, SmallerInputsError, a space or sizes that don't fit
             raise UsageError(str(e)) from None
-    datasets = create_datasets(args, data_config['input_size'][-1])
-
-    mixup_active = args.mixup > 0 or args.cutmix > 0
-    task = StimulativeTask(model, create_criterion(args, mixup_active), stimulator, device=device,
-                           verbose=args.rank == 0).to(device)
-    if args.lr is None:  # timm: lr = lr_base * (global batch / lr_base_size), linear or sqrt
-        global_batch = args.batch_size * args.world_size * args.grad_accum_steps
-        scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
-        args.lr = args.lr_base * (global_batch / args.lr_base_size) ** (0.5 if scale == 'sqrt' else 1.0)
-        _logger.info(f'Learning rate {args.lr:.4g}: {scale} scaling of --lr-base {args.lr_base} to a batch of '
-                     f'{global_batch}')
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(args))
     amp_autocast, loss_scaler = nullcontext, None
     if args.amp:
         amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
         amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
         if device.type == 'cuda' and amp_dtype == torch.float16:
             loss_scaler = NativeScaler(device='cuda')
-    if args.model_ema:
-        task.setup_ema(decay=args.model_ema_decay)
+        _logger.info(f'Mixed precision: autocast to {args.amp_dtype}' + (' with loss scaling' if loss_scaler else ''))
+    else:
+        _logger.info(f'AMP off: training in {model_dtype or torch.float32}')
+    datasets = create_datasets(args, data_config)
+    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    loader_train, loader_eval, mixup_fn = create_loaders(args, data_config, datasets, device, mixup_active, model_dtype)
+
+    # timm: without --lr, lr = lr_base * (global batch / lr_base_size), linear or sqrt. args.yaml keeps the
+    # unresolved value (args.lr_given), so the recipe rescales when re-used at another batch size.
+    args.lr_given = args.lr
+    if not args.lr:
+        global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+        scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
+        args.lr = args.lr_base * (global_batch / args.lr_base_size) ** (0.5 if scale == 'sqrt' else 1.0)
+        _logger.info(f'Learning rate {args.lr:.4g}: {scale} scaling of --lr-base {args.lr_base} to a batch of '
+                     f'{global_batch}')
+    task = StimulativeTask(model, create_criterion(args, mixup_active).to(device), stimulator, device=device,
+                           dtype=model_dtype, verbose=args.rank == 0).to(device)
+    task.set_loss_scaler(loss_scaler)  # once: subnet passes that back-propagate inside forward scale like the loop
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    _logger.info(f'Created {type(optimizer).__name__} ({args.opt}) optimizer: ' + ', '.join(
+        f'{k}: {v}' for k, v in dict(optimizer.defaults, weight_decay=args.weight_decay).items()))
+    if args.model_ema:  # before --resume, which restores it; the EMA is what eval_* reports, as in timm
+        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                       device='cpu' if args.model_ema_force_cpu else None)
     start_epoch, train_state = (resume(args, task, optimizer, loss_scaler) if args.resume else (0, {}))
-    random_seed(args.seed, args.rank)  # augmentation and stochastic depth differ per rank (timm's seeding)
     start_epoch = args.start_epoch if args.start_epoch is not None else start_epoch
 
     # Compile (the full pass, or block by block: never per skip pattern), then DDP: one all-reduce per step.
     if args.torchcompile:
         task.compile(backend=args.torchcompile, mode=args.torchcompile_mode, scope=args.stim_compile)
     if args.distributed:
-        task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None)
+        task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None,
+                                 broadcast_buffers=not args.no_ddp_bb)
+        if task.has_ema() and not args.model_ema_force_cpu:  # each rank built its own weights: the EMA starts
+            # from rank 0's on every rank, as DDP's model does
+            for tensor in task.get_trainable_module(ema=True).state_dict().values():
+                torch.distributed.broadcast(tensor, 0)
     eval_model = task.get_eval_model()
-    loader_train, loader_eval = create_loaders(args, data_config, datasets, device, mixup_active)
+    eval_metric = args.eval_metric if loader_eval is not None else 'loss'  # no validation: rank by train loss
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
+        optimizer, **scheduler_kwargs(args, decreasing_metric=eval_metric == 'loss'),
         updates_per_epoch=updates_per_epoch)
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
         else:
             lr_scheduler.step(start_epoch)
-    _logger.info(f'Scheduled epochs: {num_epochs}' + (f', stopping after {args.stop_epoch}' if args.stop_epoch else ''))
+    _logger.info(f'Scheduled epochs: {num_epochs}' + (f', stopping after {args.stop_epoch}' if args.stop_epoch else '')
+                 + f"; lr stepped per {'update' if args.sched_on_updates else 'epoch'}")
 
     # Outputs, on rank 0 only: nothing has been written before this point.
     saver, output_dir, contents = None, None, CheckpointContents(task)
@@ -726,56 +665,73 @@ def train(args) -> int:
             yaml.safe_dump(args_record(args), f, default_flow_style=False, sort_keys=False)
         saver = AtomicCheckpointSaver(model, optimizer, args=argparse.Namespace(**args_record(args)),
                                       amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
-                                      decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist,
+                                      decreasing=eval_metric == 'loss', max_history=args.checkpoint_hist,
                                       task=contents)
         if args.resume and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), output_dir) \
                 and hasattr(saver, 'load_state_dict_from_checkpoint'):  # timm >= 1.0.30
             saver.load_state_dict_from_checkpoint(args.resume)  # keep ranking the best checkpoints
         _logger.info(f'Output folder: {output_dir}')
+        if args.log_wandb:
+            import wandb
+            wandb.init(project=args.wandb_project, name=exp_name, config=args_record(args), tags=args.wandb_tags,
+                       resume='must' if args.wandb_resume_id else None, id=args.wandb_resume_id or None)
     if train_state:
         restore_rng_states(train_state.get('rng'), args)
 
-    best_metric, best_epoch, eval_metrics = None, None, {}
+    best_metric, best_epoch, eval_metrics, results = None, None, {}, []
     for epoch in range(start_epoch, num_epochs if args.stop_epoch is None else min(num_epochs, args.stop_epoch)):
-        if hasattr(loader_train.sampler, 'set_epoch'):
-            loader_train.sampler.set_epoch(epoch)
+        set_loader_epoch(loader_train, epoch)  # samplers and iterable datasets reshuffle per epoch
         task.set_stim_enabled(epoch >= args.stim_start_epoch)
-        if mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-            loader_train.mixup_enabled = False
         train_metrics = train_one_epoch(epoch, task, loader_train, optimizer, args, device, loss_scaler,
-                                        amp_autocast, lr_scheduler, saver)
+                                        amp_autocast, lr_scheduler, saver, mixup_fn, model_dtype, output_dir)
+        if (epoch + 1) % args.val_interval and epoch + 1 != num_epochs:  # timm: no eval, no checkpoint
+            _logger.info(f'Epoch {epoch}: no evaluation or checkpoint (--val-interval {args.val_interval})')
+            if lr_scheduler is not None:
+                lr_scheduler.step(epoch + 1, metric=None)
+            continue
 
-        eval_models = {'': eval_model, 'ema_': task.get_eval_model(ema=True) if task.has_ema() else None}
-        eval_metrics = OrderedDict()
-        for prefix, net in eval_models.items():
-            if net is None:
-                continue
-            if args.stim_bn_recal:  # the authors re-estimate BN statistics before every evaluation
-                used = recalibrate_bn(net, loader_train, args.stim_bn_recal, device=device)
-                _logger.info(f"Re-estimated BatchNorm statistics{' of the EMA model' if prefix else ''} on {used} "
-                             f"training images per process")
-            if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-                distribute_bn(net, args.world_size, args.dist_bn == 'reduce')
-            eval_metrics.update((prefix + k, v) for k, v in validate(net, loader_eval, args, amp_autocast).items())
-        _logger.info(f"Eval: {epoch}  Loss: {eval_metrics['loss']:.4f}  Acc@1: {eval_metrics['top1']:.2f}  "
-                     f"Acc@5: {eval_metrics['top5']:.2f}" +
-                     (f"  EMA Acc@1: {eval_metrics['ema_top1']:.2f}" if task.has_ema() else ''))
+        # Evaluate the model and, with --model-ema, the EMA: then eval_* and the best checkpoint are the EMA's.
+        eval_metrics = None
+        if loader_eval is not None:
+            ema = task.get_eval_model(ema=True) if task.has_ema() and not args.model_ema_force_cpu else None
+            for name, net in (('model', eval_model), ('EMA', ema)):
+                if net is None:
+                    continue
+                if args.stim_bn_recal:  # the authors re-estimate BN statistics before every evaluation
+                    used = recalibrate_bn(net, loader_train, args.stim_bn_recal, device=device)
+                    _logger.info(f'Re-estimated BatchNorm statistics of the {name} on {used} training images '
+                                 f'per process')
+                if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                    distribute_bn(net, args.world_size, args.dist_bn == 'reduce')
+                eval_metrics = validate(net, loader_eval, args, amp_autocast, model_dtype)
+                _logger.info(f"Eval{' (EMA)' if name == 'EMA' else ''}: {epoch}  Loss: {eval_metrics['loss']:.4f}  "
+                             f"Acc@1: {eval_metrics['top1']:.2f}  Acc@5: {eval_metrics['top5']:.2f}")
+        elif args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+            distribute_bn(eval_model, args.world_size, args.dist_bn == 'reduce')
+        latest_metric = (eval_metrics or train_metrics)[eval_metric]
 
         contents.train_state = dict(rng=rng_states(args), loader_epoch=epoch + 1)
         if saver is not None:
-            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
             summary = os.path.join(output_dir, 'summary.csv')
-            update_summary(epoch, train_metrics, eval_metrics, filename=summary, lr=optimizer.param_groups[0]['lr'],
-                           write_header=not os.path.exists(summary) or os.path.getsize(summary) == 0)
+            lrs = [group['lr'] for group in optimizer.param_groups]
+            update_summary(epoch, train_metrics, eval_metrics or {}, filename=summary, lr=sum(lrs) / len(lrs),
+                           write_header=not os.path.exists(summary) or os.path.getsize(summary) == 0,
+                           log_wandb=args.log_wandb)
+            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=latest_metric)
         if lr_scheduler is not None:
-            lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
+            lr_scheduler.step(epoch + 1, latest_metric)
+        results.append(dict(epoch=epoch, train=train_metrics, **({'validation': eval_metrics} if eval_metrics else {})))
 
     if best_metric is not None:
-        _logger.info(f'*** Best {args.eval_metric}: {best_metric:.4f} (epoch {best_epoch}); '
+        _logger.info(f'*** Best {eval_metric}: {best_metric:.4f} (epoch {best_epoch}); '
                      f'{(time.time() - start_time) / 60:.1f} min in all')
     if saver is not None and args.stop_epoch is not None and args.stop_epoch < num_epochs:
         _logger.info(f"Stopped after epoch {args.stop_epoch} of {num_epochs}: continue with the same flags and "
                      f"--resume {os.path.join(output_dir, 'last.pth.tar')} --experiment {os.path.basename(output_dir)}")
+    if args.rank == 0:  # timm's parsable summary: the (up to) 10 best epochs, best last
+        ranked = sorted(results, key=lambda r: r.get('validation', r['train']).get(eval_metric, 0),
+                        reverse=eval_metric == 'loss')
+        print(f'--result\n{json.dumps(ranked[-10:], indent=4)}')
     if args.distributed:
         torch.distributed.destroy_process_group()
     if args.rank == 0 and (args.push_to_hub or args.loafing_eval):
@@ -790,7 +746,9 @@ def train(args) -> int:
 def run_loafing_eval(args, model, source, output_dir, data_config, device) -> list:
     """Evaluate the full net and --loafing-eval random subnets of the ST space (the same set for any --stim, so
     runs are comparable); writes <output>/loafing and returns the model-card section (table + plot)."""
-    from timm_stim.loafing import create_eval_loader, format_summary, loafing_eval, loafing_markdown
+    from timm_stim.data import create_eval_loader
+    from timm_stim.loafing import loafing_eval
+    from timm_stim.loafing_report import format_summary, loafing_markdown
     loader = create_eval_loader(args.dataset, args.data_dir, args.val_split, data_config,
                                 batch_size=args.validation_batch_size or args.batch_size, workers=args.workers,
                                 device=device)  # not the DistributedSampler's shard: every image
@@ -815,13 +773,15 @@ def final_weights(args, task, output_dir, best_metric, best_epoch):
     else:
         state_dict, source = task.model.state_dict(), 'weights after the last epoch'
     model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)  # plain, no wrappers
-    model.load_state_dict({k[7:] if k.startswith('module.') else k: v for k, v in state_dict.items()})
+    model.load_state_dict(clean_state_dict(state_dict))
     return model.to(args.device).eval(), source
 
 
 def push_to_hub(args, task, model, source, output_dir, data_config, eval_metrics, best_metric, card_sections) -> None:
     """Export `model` as a plain timm model with a model card into <output>/hf_export, then push it."""
-    from timm_stim.hub import create_model_card, export_timm_model, push_folder_to_hub, split_recipe
+    from timm_stim.card import create_model_card, split_recipe
+    from timm_stim.model_folder import export_timm_model
+    from timm_stim.hub import push_folder_to_hub
     record, defaults = args_record(args), vars(build_parser().parse_args([]))
     recipe, stim = split_recipe({k: v for k, v in record.items()  # the card lists what differs from the defaults
                                  if k in CARD_ARGS or k.startswith('stim') or v != defaults.get(k)})
@@ -845,8 +805,7 @@ def push_to_hub(args, task, model, source, output_dir, data_config, eval_metrics
         model_card=create_model_card(args.model, args.hub_repo_id, dataset, recipe, stim, metrics,
                                      extra_sections=card_sections),
         extra_files=[plot] if card_sections and os.path.isfile(plot) else None,
-        data_config={k: v for k, v in data_config.items()
-                     if k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')})
+        data_config={k: v for k, v in data_config.items() if k in DATA_CONFIG_KEYS})
     _logger.info(f'Exported the {source} to {folder}; pushing to {args.hub_repo_id}')
     url = push_folder_to_hub(folder, args.hub_repo_id, private=args.hub_private, revision=args.hub_revision)
     _logger.info(f'Pushed to {url}')

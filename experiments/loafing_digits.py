@@ -1,20 +1,28 @@
 """Evidence experiment: does Stimulative Training reduce network loafing? (digits, ResNet-18, CPU)
 
-Trains four variants with the same recipe (hparams/digits_resnet18.yaml) on the embedded scikit-learn
-digits, for several seeds:
+Trains variants with the same recipe (hparams/digits_resnet18.yaml) on the embedded scikit-learn
+digits, for several seeds (default: the first four):
 
-    baseline        --stim none
-    st              --stim st                         (uniform depth, KL)
-    st++            --stim st++                       (inter-stage rule, KL-, smaller subnet inputs)
-    st++ full-size  --stim st++ --stim-min-scale 1    (ST++ without the smaller inputs)
+    baseline          --stim none
+    st                --stim st                         (uniform depth, KL)
+    st++              --stim st++                       (inter-stage rule, KL-, smaller subnet inputs)
+    st++ full-size    --stim st++ --stim-min-scale 1    (ST++ without the smaller inputs)
+    st++ min 0.75     --stim st++ --stim-min-scale 0.75 (smaller inputs, narrower range)
+    st++ authors      --stim st++ --stim-bn update --stim-bn-recal 2000
+                      (subnet passes update BN running stats; re-estimated on 2000 training images before
+                      every validation, so the checkpoint carries re-estimated full-net statistics)
 
 then measures every subnet of ResNet-18's ST space (16 depth vectors, full net included) of each final
 model with `python -m timm_stim.loafing`, with and without per-subnet BN re-estimation, and writes
-docs/results/loafing_digits.md (table: mean +- std over seeds), .csv (every subnet of every run) and .png.
+docs/results/<name>.md (table: mean +- std over seeds), .csv (every subnet of every run) and .png.
+`--eval-sizes` adds the same measurement at other image sizes (e.g. the sizes ST++ subnets were trained at).
 
     python experiments/loafing_digits.py                      # the full run (about 30 min on 2 CPU cores)
     python experiments/loafing_digits.py --seeds 0 --epochs 2 --results-dir /tmp/quick   # smoke run
     python experiments/loafing_digits.py --report-only        # rewrite docs/results from finished runs
+    # ST++ at low resolution (docs/results/stpp_lowres_32px.md; 64 px: --img-size 64 and the name _64px):
+    python experiments/loafing_digits.py --variants all --eval-sizes 16 24 --name stpp_lowres_32px \
+        --work-dir output/stpp_lowres_32px
 
 Finished trainings (summary.csv with every epoch and last.pth.tar present) are not retrained, so an
 interrupted run can be restarted with the same command.
@@ -43,26 +51,38 @@ VARIANTS: Dict[str, Tuple[str, List[str]]] = {
     'st': ('st', ['--stim', 'st']),
     'st++': ('stpp', ['--stim', 'st++']),
     'st++ full-size': ('stpp-fullsize', ['--stim', 'st++', '--stim-min-scale', '1']),
+    'st++ min 0.75': ('stpp-min075', ['--stim', 'st++', '--stim-min-scale', '0.75']),
+    'st++ authors': ('stpp-authors', ['--stim', 'st++', '--stim-bn', 'update', '--stim-bn-recal', '2000']),
 }
+_DEFAULT_VARIANTS = ('baseline', 'st', 'st++', 'st++ full-size')
 # The slowest runs first, so the two parallel workers finish together.
-_ORDER = ('st', 'st++ full-size', 'st++', 'baseline')
+_ORDER = ('st++ authors', 'st', 'st++ full-size', 'st++ min 0.75', 'st++', 'baseline')
 
 
 def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--epochs', type=int, default=10, help='training epochs of every run')
-    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument('--variants', nargs='+', default=list(_DEFAULT_VARIANTS), choices=list(VARIANTS) + ['all'],
+                        help="variants to train and compare ('all': every one)")
     parser.add_argument('--config', default=str(REPO / 'hparams' / 'digits_resnet18.yaml'))
+    parser.add_argument('--img-size', type=int, default=None, help='train and eval image size (default: the recipe\'s)')
+    parser.add_argument('--eval-sizes', type=int, nargs='*', default=[],
+                        help='also measure every subnet at these eval image sizes (BN re-estimated at that size)')
+    parser.add_argument('--name', default='loafing_digits', help='results file name: <results-dir>/<name>.md/.csv/.png')
     parser.add_argument('--parallel', type=int, default=2, help='trainings run at once (one thread each)')
     parser.add_argument('--bn-recal', type=int, default=500, help='training images per subnet BN re-estimation')
-    parser.add_argument('--checkpoint', default='last', help="'last' (default: no selection on the val split) or 'best'")
+    parser.add_argument('--checkpoint', default='last',
+                        help="'last' (default: no selection on the val split) or 'best'")
     parser.add_argument('--work-dir', default=str(REPO / 'output' / 'loafing_digits'))
     parser.add_argument('--results-dir', default=str(REPO / 'docs' / 'results'))
     parser.add_argument('--retrain', action='store_true', help='retrain even if a finished run exists')
     parser.add_argument('--report-only', action='store_true',
                         help='only rewrite the results from the finished runs and loafing reports (and saved timings)')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if 'all' in args.variants:
+        args.variants = list(VARIANTS)
+    return args
 
 
 def _env() -> Dict[str, str]:
@@ -87,6 +107,7 @@ def _train_command(args: argparse.Namespace, variant: str, seed: int) -> List[st
     run_dir = _run_dir(args, variant, seed)
     return [sys.executable, str(REPO / 'train_stim.py'), '-c', args.config, *VARIANTS[variant][1],
             '--seed', str(seed), '--epochs', str(args.epochs), '--checkpoint-hist', '1',
+            *(['--img-size', str(args.img_size)] if args.img_size else []),
             '--output', str(run_dir.parent), '--experiment', run_dir.name]
 
 
@@ -115,8 +136,8 @@ def _run_all(jobs: List[Tuple[str, List[str], Path]], parallel: int) -> Dict[str
 def train_all(args: argparse.Namespace) -> Dict[str, float]:
     """Train every (variant, seed) not finished yet; returns wall seconds per run trained now."""
     jobs = []
-    for variant in sorted(args.variants, key=_ORDER.index):
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed by seed, so that an interrupted run leaves complete seeds
+        for variant in sorted(args.variants, key=_ORDER.index):
             run_dir = _run_dir(args, variant, seed)
             if not args.retrain and _finished(run_dir, args.epochs):
                 print(f'  skip {run_dir.name}: finished run exists', flush=True)
@@ -126,19 +147,43 @@ def train_all(args: argparse.Namespace) -> Dict[str, float]:
     return _run_all(jobs, args.parallel)
 
 
+def _loafing_dir(args: argparse.Namespace, seed: int, eval_size: int = None) -> Path:
+    """Loafing report of one seed, at the training size (eval_size None) or at another eval image size."""
+    return Path(args.work_dir) / 'loafing' / (f'seed{seed}' if eval_size is None else f'seed{seed}-{eval_size}px')
+
+
+def _loafing_done(args: argparse.Namespace, out: Path, seed: int) -> bool:
+    """A loafing report exists for exactly these variants and is newer than every checkpoint it evaluates."""
+    report = out / 'loafing.json'
+    if not report.is_file():
+        return False
+    labels = {r['model'] for r in json.loads(report.read_text())['results']}
+    name = {'best': 'model_best.pth.tar', 'last': 'last.pth.tar'}.get(args.checkpoint, args.checkpoint)
+    checkpoints = [_run_dir(args, v, seed) / name for v in args.variants]
+    return (labels == {VARIANTS[v][0] for v in args.variants} and all(c.is_file() for c in checkpoints)
+            and report.stat().st_mtime > max(c.stat().st_mtime for c in checkpoints))
+
+
 def loafing_all(args: argparse.Namespace) -> Dict[str, float]:
-    """One `python -m timm_stim.loafing` per seed over all variants (all ST subnets, BN re-estimation)."""
+    """One `python -m timm_stim.loafing` per seed (and eval size) over all variants (all ST subnets, BN
+    re-estimation on training images at the same size)."""
     jobs = []
-    for seed in args.seeds:
-        out = Path(args.work_dir) / 'loafing' / f'seed{seed}'
-        command = [sys.executable, '-m', 'timm_stim.loafing',
-                   *[str(_run_dir(args, v, seed)) for v in args.variants],
-                   '--labels', *[VARIANTS[v][0] for v in args.variants], '--checkpoint', args.checkpoint,
-                   '--subnets', 'all', '--space', 'st', '--bn-recal', str(args.bn_recal), '--seed', str(seed),
-                   '-j', '0', '-b', '128', '--device', 'cpu', '--output', str(out),
-                   '--title', f'Network loafing on digits, ResNet-18, seed {seed}']
-        jobs.append((f'loafing seed {seed}', command, out.parent / f'seed{seed}.log'))
-    print(f'loafing evaluation of {len(jobs)} seeds', flush=True)
+    for eval_size in [None, *args.eval_sizes]:
+        for seed in args.seeds:
+            out = _loafing_dir(args, seed, eval_size)
+            if not args.retrain and _loafing_done(args, out, seed):
+                print(f'  skip {out}: up-to-date loafing report exists', flush=True)
+                continue
+            at = '' if eval_size is None else f', evaluated at {eval_size} px'
+            command = [sys.executable, '-m', 'timm_stim.loafing',
+                       *[str(_run_dir(args, v, seed)) for v in args.variants],
+                       '--labels', *[VARIANTS[v][0] for v in args.variants], '--checkpoint', args.checkpoint,
+                       '--subnets', 'all', '--space', 'st', '--bn-recal', str(args.bn_recal), '--seed', str(seed),
+                       *(['--img-size', str(eval_size)] if eval_size else []),
+                       '-j', '0', '-b', '128', '--device', 'cpu', '--output', str(out),
+                       '--title', f'Network loafing on digits, ResNet-18, seed {seed}{at}']
+            jobs.append((f'loafing {out.name}', command, out.parent / f'{out.name}.log'))
+    print(f'loafing evaluation: {len(jobs)} reports (seeds x eval sizes)', flush=True)
     return _run_all(jobs, args.parallel)
 
 
@@ -156,19 +201,23 @@ def _final_train_top1(run_dir: Path, checkpoint: str) -> float:
     return max(top1) if checkpoint == 'best' else top1[-1]
 
 
-def collect(args: argparse.Namespace) -> Tuple[List[Dict[str, Any]], Dict[str, Dict[str, List[float]]]]:
-    """Every subnet row of every run (with variant and seed) and, per variant, the per-seed summary metrics."""
+def collect(args: argparse.Namespace, eval_size: int = None
+            ) -> Tuple[List[Dict[str, Any]], Dict[str, Dict[str, List[float]]]]:
+    """Every subnet row of every run (with variant, seed and eval size) and, per variant, the per-seed summary
+    metrics; at the training size (eval_size None) or at another eval image size."""
     key_to_variant = {VARIANTS[v][0]: v for v in args.variants}
     rows, per_variant = [], {v: {} for v in args.variants}
     for seed in args.seeds:
-        payload = json.loads((Path(args.work_dir) / 'loafing' / f'seed{seed}' / 'loafing.json').read_text())
+        payload = json.loads((_loafing_dir(args, seed, eval_size) / 'loafing.json').read_text())
         for r in payload['results']:
-            rows.append(dict(variant=key_to_variant[r['model']], seed=seed, **r))
+            rows.append(dict(variant=key_to_variant[r['model']], seed=seed,
+                             eval_size=eval_size or args.img_size or 32, **r))
         for s in payload['summary']:
             variant = key_to_variant[s['model']]
             metrics = dict(s, loafing_gap=s['full_top1'] - s['mean_top1'],
-                           loafing_gap_bnrecal=s['full_top1_bnrecal'] - s['mean_top1_bnrecal'],
-                           train_top1=_final_train_top1(_run_dir(args, variant, seed), args.checkpoint))
+                           loafing_gap_bnrecal=s['full_top1_bnrecal'] - s['mean_top1_bnrecal'])
+            if eval_size is None:
+                metrics['train_top1'] = _final_train_top1(_run_dir(args, variant, seed), args.checkpoint)
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     per_variant[variant].setdefault(key, []).append(float(value))
@@ -197,13 +246,13 @@ def _delta(values: List[float], base: List[float]) -> str:
     return f'{diff:+.2f} ± {se:.2f}'
 
 
-def markdown_table(per_variant: Dict[str, Dict[str, List[float]]]) -> str:
+def markdown_table(per_variant: Dict[str, Dict[str, List[float]]], deltas: bool = True) -> str:
     header = ['variant'] + [label for _, label in _COLUMNS]
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(['---'] + ['---:'] * len(_COLUMNS)) + '|']
     for variant, metrics in per_variant.items():
         lines.append('| ' + ' | '.join([variant] + [_pm(metrics[k]) for k, _ in _COLUMNS]) + ' |')
     base = per_variant.get('baseline')
-    if base:
+    if base and deltas:
         lines += ['', 'Difference to the baseline (difference of seed means ± its standard error):', '',
                   '| variant | full net | mean subnet | min subnet | full net, BN re-est. | mean subnet, BN re-est. '
                   '| min subnet, BN re-est. |', '|---|---:|---:|---:|---:|---:|---:|']
@@ -254,20 +303,42 @@ def _mean_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return out
 
 
+def size_table(args: argparse.Namespace, per_size: Dict[int, Dict[str, Dict[str, List[float]]]]) -> str:
+    """Full net and mean / min subnet top-1 at every eval size, BN as trained and re-estimated (mean ± std)."""
+    sizes = sorted(per_size)
+    keys = (('full_top1', 'full'), ('mean_top1', 'mean subnet'), ('min_top1', 'min subnet'),
+            ('full_top1_bnrecal', 'full, BN re-est.'), ('mean_top1_bnrecal', 'mean subnet, BN re-est.'),
+            ('min_top1_bnrecal', 'min subnet, BN re-est.'))
+    header = ['variant', 'eval px'] + [label for _, label in keys]
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(['---', '---:'] + ['---:'] * len(keys)) + '|']
+    for variant in args.variants:
+        for size in sizes:
+            metrics = per_size[size][variant]
+            lines.append('| ' + ' | '.join([variant, str(size)] + [_pm(metrics[k]) for k, _ in keys]) + ' |')
+    return '\n'.join(lines)
+
+
 def write_results(args: argparse.Namespace, timings: Dict[str, float], wall: float, command: str) -> str:
-    from timm_stim.loafing import plot_loafing
+    from timm_stim.loafing_report import plot_loafing
     rows, per_variant = collect(args)
+    img_size = args.img_size or 32
+    per_size = {img_size: per_variant}
+    all_rows = list(rows)
+    for eval_size in args.eval_sizes:
+        size_rows, per_size[eval_size] = collect(args, eval_size)
+        all_rows += size_rows
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    fields = ['variant', 'seed', 'depths', 'keep', 'is_full', 'rel_depth', 'rel_flops', 'top1', 'top5',
+    fields = ['variant', 'seed', 'eval_size', 'depths', 'keep', 'is_full', 'rel_depth', 'rel_flops', 'top1', 'top5',
               'top1_bnrecal', 'top5_bnrecal', 'bn_recal_images', 'num_val']
-    with (results / 'loafing_digits.csv').open('w', newline='') as f:
+    with (results / f'{args.name}.csv').open('w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(all_rows)
     seeds = len(args.seeds)
-    plot_loafing(_mean_rows(rows), results / 'loafing_digits.png',
-                 title=f'Network loafing on digits, ResNet-18: every ST subnet, top-1 averaged over {seeds} seeds')
+    plot_loafing(_mean_rows(rows), results / f'{args.name}.png',
+                 title=f'Network loafing on digits ({img_size} px), ResNet-18: every ST subnet, top-1 averaged '
+                       f'over {seeds} seeds')
 
     table = markdown_table(per_variant)
     breakdown = space_breakdown(rows, list(per_variant))
@@ -281,46 +352,61 @@ def write_results(args: argparse.Namespace, timings: Dict[str, float], wall: flo
     per_variant_time = ', '.join(
         f'{v} {statistics.fmean(t):.0f} s' for v in args.variants
         if (t := [timings[k] for k in timings if k.rsplit('-s', 1)[0] == VARIANTS[v][0]]))
-    reuse_note = f' {reused} finished runs were reused from an earlier invocation (not in these times).' if reused else ''
-    md = f"""# Network loafing on digits (ResNet-18): baseline vs ST vs ST++
+    reuse_note = (f' {reused} finished runs were reused from an earlier invocation (not in these times).'
+                  if reused else '')
+    variant_list = '\n'.join(f'  - `{v}`: `{" ".join(VARIANTS[v][1])}`' for v in args.variants)
+    size_section = ''
+    if args.eval_sizes:
+        size_section = f"""
+## The same models evaluated at other image sizes
+
+Every subnet again, on the validation images resized to each size (`python -m timm_stim.loafing --img-size N`);
+"BN re-est." re-estimates each subnet's BatchNorm statistics on {args.bn_recal} training images at that size.
+Trained at {img_size} px (mean ± std over {seeds} seeds):
+
+{size_table(args, per_size)}
+"""
+    md = f"""# Network loafing on digits at {img_size} px (ResNet-18): {', '.join(args.variants)}
 
 Does Stimulative Training make the residual subnetworks inside a network better (less "loafing"), and the
-full network with them? Measured with `timm_stim.loafing` (METHOD.md, "Network loafing: how to measure it").
+full network with them? Measured with `timm_stim.loafing`.
 
 ## Setup
-- Data: the embedded scikit-learn digits (1438 train / 359 validation images, 8x8 upsampled to 32 px,
+- Data: the embedded scikit-learn digits (1438 train / 359 validation images, 8x8 upsampled to {img_size} px,
   10 classes). One validation image is 0.28 % top-1.
-- Recipe: `{os.path.relpath(args.config, REPO)}` (SGD, cosine, label smoothing 0.1) with `--epochs {args.epochs}`, the
-  same for every variant; seeds {', '.join(map(str, args.seeds))}. Variants: `baseline` = `--stim none`,
-  `st` = `--stim st`, `st++` = `--stim st++`, `st++ full-size` = `--stim st++ --stim-min-scale 1`
-  (ST++ without the smaller subnet inputs). One subnet per step (M = 1), train_stim.py defaults otherwise.
+- Recipe: `{os.path.relpath(args.config, REPO)}` (SGD, cosine, label smoothing 0.1) with `--epochs {args.epochs}`
+  {f'and `--img-size {img_size}`' if args.img_size else ''}, the same for every variant; seeds
+  {', '.join(map(str, args.seeds))}. One subnet per step (M = 1), train_stim.py defaults otherwise. Variants
+  (train_stim.py flags):
+{variant_list}
 - Evaluation: the `{args.checkpoint}` checkpoint of each run (no selection on the validation split);
   all {n_sub + 1} depth vectors of ResNet-18's ST space (2/2/2/2 blocks; layer1 may drop one block, the other
   stages their second block), i.e. {n_sub} subnets besides the full net, mean relative FLOPs {rel_flops:.3f}
-  (counted with FlopCounterMode at 32 px). "BN re-est." = BatchNorm statistics re-estimated for each subnet on
-  {args.bn_recal} training images (eval transforms, fixed per seed), on a copy of the model.
+  (counted with FlopCounterMode at {img_size} px). "BN re-est." = BatchNorm statistics re-estimated for each subnet
+  on {args.bn_recal} training images (eval transforms, fixed per seed), on a copy of the model; without it, every
+  subnet uses the BN statistics stored in the checkpoint ("as trained").
 - Cross-check: the full-net top-1 measured here matches the training log's final eval top-1 within {check:.2f} points.
 
 ## Results (top-1 %, mean ± std over {seeds} seeds; "subnet" columns exclude the full net)
 
 {table}
 
-![subnet top-1 vs relative FLOPs](loafing_digits.png)
+![subnet top-1 vs relative FLOPs]({args.name}.png)
 
 ST++ (`--stim st++`) trains only the subnets of its own space (on ResNet-18: layer1 and layer4 always full,
 layer2 and/or layer3 may drop their second block); the table above measures all ST-space subnets. Mean subnet
 top-1 inside vs outside the ST++ space (mean ± std over seeds):
 
 {breakdown}
-
+{size_section}
 ## Caveats
 - Not compute-matched: an ST / ST++ step also runs one subnet forward and backward, so these runs cost
-  more per epoch than the baseline (compare the training times in the logs); all variants get the same epochs.
+  more per epoch than the baseline (compare the training times below); all variants get the same epochs.
 - The task is close to saturation (full nets near 99 %), so full-net differences are a few validation images.
 - {seeds} seeds only: "±" in the first table is the sample std over seeds, in the difference table the standard
   error of the difference of means (unpaired); neither is a significance test.
 
-Per-subnet numbers of every run: `loafing_digits.csv`. Per-seed reports (csv/json/png):
+Per-subnet numbers of every run (every eval size): `{args.name}.csv`. Per-seed reports (csv/json/png):
 `{os.path.relpath(args.work_dir, REPO)}/loafing/seed*/`.
 
 ## How this was produced
@@ -329,11 +415,11 @@ Per-subnet numbers of every run: `loafing_digits.csv`. Per-seed reports (csv/jso
 ```
 Wall time {wall / 60:.1f} min in total on a shared 2-core CPU machine (trainings {args.parallel} at a time with one
 thread each; sum of training wall times {train_s / 60:.1f} min, loafing evaluation
-{sum(v for k, v in timings.items() if k.startswith('loafing')) / 60:.1f} min summed over seeds).{reuse_note}
-Mean training wall time per run (2 at once on a machine shared with other jobs, so only roughly comparable):
-{per_variant_time}.
+{sum(v for k, v in timings.items() if k.startswith('loafing')) / 60:.1f} min summed over seeds and sizes).{reuse_note}
+Mean training wall time per run ({args.parallel} at once, one thread each, on a machine shared with other jobs, so
+only roughly comparable): {per_variant_time}.
 """
-    (results / 'loafing_digits.md').write_text(md)
+    (results / f'{args.name}.md').write_text(md)
     return table
 
 
@@ -349,10 +435,15 @@ def main(argv: Sequence[str] = None) -> int:
         timings = train_all(args)
         timings.update(loafing_all(args))
         wall = time.time() - start
+        if timing_file.is_file() and not args.retrain:  # restarted: keep the times of the runs reused now
+            saved = json.loads(timing_file.read_text())
+            timings, wall = {**saved['timings'], **timings}, saved['wall'] + wall
+            command = saved['command'] if saved['command'] == command else f"{saved['command']}\n{command}"
+        timing_file.parent.mkdir(parents=True, exist_ok=True)
         timing_file.write_text(json.dumps(dict(timings=timings, wall=wall, command=command), indent=2))
     table = write_results(args, timings, wall, command)
     print(table)
-    print(f'\nwall time {wall / 60:.1f} min; wrote {args.results_dir}/loafing_digits.md, .csv, .png')
+    print(f'\nwall time {wall / 60:.1f} min; wrote {args.results_dir}/{args.name}.md, .csv, .png')
     return 0
 
 

@@ -18,6 +18,7 @@ TINY = ['--model', 'resnet18', '--batch-size', '4', '--img-size', '32', '--devic
         '--memory-steps', '1', '--script-loop-rounds', '2']
 
 
+@pytest.mark.slow
 def test_step_cost_every_config(tmp_path, capsys):
     out = tmp_path / 'r.json'
     step_cost.main(TINY + ['--repeats', '2', '--warmup', '1', '--subnets', '1', '2', '--compile',
@@ -45,5 +46,15 @@ def test_step_cost_every_config(tmp_path, capsys):
 def test_prewarm_runs_every_size():
     """The cudnn pre-warm (GPU runs only) runs the model once per ST++ size; here on CPU for the code path."""
     bench = step_cost.Bench(step_cost.parse_args(TINY + ['--stim-sizes', '16', '24', '32']))
+    seen = []
+    create = bench.new_model
+
+    def recording_model():  # the real model, with a hook recording the input sizes it actually ran at
+        model = create()
+        model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+        return model
+
+    bench.new_model = recording_model
     bench.prewarm_sizes()
+    assert seen == [(16, 16), (24, 24), (32, 32)]
     assert bench.prewarm_sizes_done == (3, 3)

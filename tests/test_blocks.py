@@ -1,8 +1,8 @@
 """Residual-block discovery (`find_residual_blocks`), spec resolution and `subnet` execution on real timm models.
 
 Expected layouts were checked against each architecture by hand (see the comment on every case): a block is
-skippable when it keeps its input's shape and has a real identity skip; a stage is a run of blocks with the
-same output shape and parent container.
+skippable when it keeps its input's shape and passes its input through with its parameters zeroed (an identity
+skip); stages are timm's `feature_info` stages (entries at one reduction form one stage).
 """
 import copy
 import io
@@ -76,11 +76,12 @@ DISCOVERY_CASES = [
     ('cspresnet50', {}, C64, (3, 3, 5, 2), (3, 3, 5, 2)),
     # ConvNeXt downsample layers are outside the blocks.
     ('convnext_atto', {}, C64, (2, 2, 6, 2), (2, 2, 6, 2)),
-    # EfficientNet-B0 stages 1/2/2/3/3/4/1; the first block of a stage changes shape, the DS block of stage 1
-    # (32->16) and the single block of stage 7 (192->320) too.
-    ('efficientnet_b0', {}, C64, (1, 2, 2, 3, 3, 4, 1), (0, 1, 1, 2, 2, 3, 0)),
-    # MobileNetV3-S: ds(1) ir(2) ir(3) ir(2) ir(3) cn(1); the final ConvBnAct 96->576 changes shape.
-    ('mobilenetv3_small_100', {}, C64, (1, 2, 3, 2, 3, 1), (0, 1, 2, 1, 2, 0)),
+    # EfficientNet-B0 arch stages 1/2/2/3/3/4/1; feature_info stages at reduction 4/8/16/32 hold 2/2/3+3/4+1
+    # InvertedResidual blocks (the stage-1 DS block 32->16 has no skip and no residual sibling: not a block).
+    ('efficientnet_b0', {}, C64, (2, 2, 6, 5), (1, 1, 4, 3)),
+    # MobileNetV3-S: ds(1) ir(2) ir(3) ir(2) ir(3) cn(1): feature stages r8 (2), r16 (3+2), r32 (3); the DS block
+    # and the final ConvBnAct are no residual blocks.
+    ('mobilenetv3_small_100', {}, C64, (2, 5, 3), (1, 3, 2)),
     ('vit_tiny_patch16_224', dict(img_size=64), None, (12,), (12,)),
     ('deit_tiny_distilled_patch16_224', dict(img_size=64), None, (12,), (12,)),
     ('deit3_small_patch16_224', dict(img_size=64, embed_dim=96, num_heads=2), None, (12,), (12,)),
@@ -89,10 +90,11 @@ DISCOVERY_CASES = [
     # Swin patch merging sits outside the blocks (at the start of the next stage): all blocks skippable.
     ('swin_tiny_patch4_window7_224', dict(img_size=64, window_size=2, embed_dim=24), None,
      (2, 2, 6, 2), (2, 2, 6, 2)),
-    ('swinv2_cr_tiny_224', dict(img_size=64, window_size=2, embed_dim=24), None, (2, 2, 6, 2), (2, 2, 6, 2)),
-    # 24 self-attention blocks + 2 class-attention blocks (update only the class token: not skippable).
-    ('cait_xxs24_224', dict(img_size=64), None, (24, 2), (24, 0)),
-    ('xcit_nano_12_p16_224', dict(img_size=64), None, (12, 2), (12, 0)),
+    # The last block of Swin-V2-CR carries the final stage norm (norm3): no identity path, not skippable.
+    ('swinv2_cr_tiny_224', dict(img_size=64, window_size=2, embed_dim=24), None, (2, 2, 6, 2), (2, 2, 6, 1)),
+    # 24 self-attention blocks; the 2 class-attention blocks (update only the class token) are no residual blocks.
+    ('cait_xxs24_224', dict(img_size=64), None, (24,), (24,)),
+    ('xcit_nano_12_p16_224', dict(img_size=64), None, (12,), (12,)),
     # PiT pooling layers sit between the transformer stages (depths 2/6/4).
     ('pit_ti_224', dict(img_size=64), None, (2, 6, 4), (2, 6, 4)),
     # Twins-SVT-S depths 2/2/10/4; patch embeds are outside the blocks.
@@ -137,11 +139,12 @@ def test_discovery_resnet50_paths_and_reasons():
 def test_discovery_cait_class_attention_reason():
     model = timm.create_model('cait_xxs24_224', img_size=64, num_classes=10)
     layout = find_residual_blocks(model)
-    cls_blocks = [b for b in layout.blocks if b.path.startswith('blocks_token_only')]
-    assert len(cls_blocks) == 2
-    # they take (x, x_cls) and return only the class token: the shape check already rules them out
-    assert all(not b.skippable and b.reason for b in cls_blocks)
-    assert all(b.skippable for b in layout.blocks if b.path.startswith('blocks.'))
+    assert not any(b.path.startswith('blocks_token_only') for b in layout.blocks)
+    assert all(b.skippable for b in layout.blocks) and len(layout.blocks) == 24
+    # named explicitly, they are refused: they take (x, x_cls) and return only the class token
+    explicit = find_residual_blocks(model, blocks=['blocks.23', 'blocks_token_only.0', 'blocks_token_only.1'])
+    assert [b.skippable for b in explicit.blocks] == [True, False, False]
+    assert all(b.reason for b in explicit.blocks[1:])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -516,3 +519,56 @@ def test_model_ema_with_subnet_loop():
         with subnet(ema_model, layout, (1, 1, 1, 1)):
             sub = ema_model(x)
         assert not torch.allclose(sub, ref(x), atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The positive identity test on families without drop_path slots, or with non-residual modules of the same shape
+
+def test_dla34_finds_basic_blocks_not_aggregation_nodes():
+    model = timm.create_model('dla34', num_classes=10)
+    layout = find_residual_blocks(model, input_size=C64)
+    kinds = {type(m).__name__ for m in layout.modules(model)}
+    assert kinds == {'DlaBasic'} and len(layout.blocks) == 12  # levels 2-5 hold 2+4+4+2 DlaBasic blocks
+    assert not any(p.startswith(('level0', 'level1')) or p.endswith('root') for p in layout.paths)
+    assert layout.stage_sizes == (2, 4, 4, 2)  # feature_info stages level2..level5
+
+
+def test_ghostnet_bottlenecks_without_drop_path_slot():
+    model = timm.create_model('ghostnet_100', num_classes=10)
+    layout = find_residual_blocks(model, input_size=C64)
+    modules = layout.modules(model)
+    assert {type(m).__name__ for m in modules} == {'GhostBottleneck'} and len(modules) == 16
+    assert not any(hasattr(m, 'drop_path') for m in modules)
+    assert layout.num_skippable == 11  # the 11 bottlenecks with an identity shortcut
+
+
+@pytest.mark.parametrize('name,kwargs,stages', [
+    ('maxvit_tiny_tf_224', dict(img_size=64), (2, 2, 5, 2)),  # one MaxxVit block = MBConv + block + grid attention
+    ('davit_tiny', {}, (2, 2, 6, 2)),  # spatial and channel blocks, paired in a Sequential per depth step
+    ('efficientformer_l1', {}, (3, 2, 6, 4)),  # the Meta3D (1d) block belongs to the last stage
+])
+def test_stages_follow_feature_info(name, kwargs, stages):
+    model = timm.create_model(name, num_classes=10, **kwargs)
+    size = kwargs.get('img_size', 224 if name == 'efficientformer_l1' else 64)
+    layout = find_residual_blocks(model, input_size=(3, size, size))
+    assert layout.stage_sizes == stages
+    for b in layout.blocks:  # every block sits in the feature_info stage module it is assigned to
+        assert b.path.startswith(model.feature_info[-len(stages) + b.stage]['module'] + '.')
+
+
+def test_tuple_output_block_skips_to_its_inputs():
+    model = timm.create_model('mvitv2_tiny', img_size=32, num_classes=10).eval()
+    layout = find_residual_blocks(model, input_size=(3, 32, 32))
+    i = next(i for i, b in enumerate(layout.blocks) if b.skippable)
+    assert layout.blocks[i].tuple_output
+    block = layout.modules(model)[i]
+    seen = []
+    block.register_forward_hook(lambda m, a, o: seen.append((a, o)))
+    keep = [True] * len(layout.blocks)
+    keep[i] = False
+    with torch.no_grad(), subnet(model, layout, keep):
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    (args, output), = seen
+    assert len(output) == len(args) == 2  # the skipped block handed on (x, feat_size) unchanged
+    assert all(o is a for o, a in zip(output, args))

@@ -21,6 +21,9 @@ import yaml
 
 import timm
 from timm_stim import hub
+from timm_stim.card import create_model_card, split_recipe
+from timm_stim.checkpoint import is_export_folder, load_checkpoint_into
+from timm_stim.model_folder import export_timm_model
 
 try:
     from hub_server import FakeHub
@@ -140,10 +143,10 @@ def test_export_is_a_plain_timm_model(tmp_path):
     model = _vit()
     plot = tmp_path / 'loafing.png'
     plot.write_bytes(b'\x89PNG\r\n\x1a\nfake')
-    card = hub.create_model_card(
+    card = create_model_card(
         'vit_tiny_patch16_224', 'owner/vit-st', 'CIFAR-10', {'lr': 1e-3}, {'stim_prob': 0.5}, {'eval_top1': 90.0},
         extra_sections=['## Loafing\n\n![loafing](loafing.png)'])
-    out = hub.export_timm_model(
+    out = export_timm_model(
         model, tmp_path / 'export', 'vit_tiny_patch16_224', model_card=card, extra_files=[plot])
 
     assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'loafing.png', 'model.safetensors']
@@ -162,18 +165,18 @@ def test_export_is_a_plain_timm_model(tmp_path):
 
 
 def test_export_is_atomic(tmp_path, monkeypatch):
-    out = hub.export_timm_model(_small_resnet(), tmp_path / 'export', 'test_resnet', model_card='# v1\n')
+    out = export_timm_model(_small_resnet(), tmp_path / 'export', 'test_resnet', model_card='# v1\n')
     before = _digest(out)
 
     broken = _small_resnet()
     monkeypatch.setattr(broken, 'state_dict', lambda *a, **k: (_ for _ in ()).throw(RuntimeError('disk full')))
     with pytest.raises(RuntimeError, match='disk full'):
-        hub.export_timm_model(broken, out, 'test_resnet', model_card='# v2\n')
+        export_timm_model(broken, out, 'test_resnet', model_card='# v2\n')
     assert _digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ['export']  # no temp / backup folders left behind
 
     # a successful export replaces the old one completely
-    hub.export_timm_model(
+    export_timm_model(
         _small_resnet(num_classes=5), out, 'test_resnet', model_args={'num_classes': 5, 'in_chans': None},
         model_card='# v3\n')
     assert (out / 'README.md').read_text() == '# v3\n'
@@ -186,17 +189,17 @@ def test_export_refuses_to_replace_other_folders(tmp_path):
     run_dir.mkdir()
     (run_dir / 'last.pth.tar').write_bytes(b'precious')
     with pytest.raises(FileExistsError, match='not a timm export folder'):
-        hub.export_timm_model(_small_resnet(), run_dir, 'test_resnet')
+        export_timm_model(_small_resnet(), run_dir, 'test_resnet')
     assert sorted(p.name for p in run_dir.iterdir()) == ['last.pth.tar']
     with pytest.raises(ValueError, match='does not match'):
-        hub.export_timm_model(_small_resnet(), tmp_path / 'x', 'resnet18')
+        export_timm_model(_small_resnet(), tmp_path / 'x', 'resnet18')
 
 
 # ---------------------------------------------------------------------------------------------------- model card
 
 
 def test_model_card():
-    card = hub.create_model_card(
+    card = create_model_card(
         'resnet18', 'owner/resnet18-st', 'imagenet-1k',
         recipe={'lr': 0.1, 'epochs': 100, 'aa': 'rand-m9|mstd0.5'},
         stim={'stim_prob': 0.5, 'stim_kd_weight': 1.0},
@@ -218,7 +221,7 @@ def test_model_card():
 
 
 def test_split_recipe_drops_paths_and_secrets():
-    recipe, stim = hub.split_recipe({
+    recipe, stim = split_recipe({
         'lr': 0.1, 'drop_path': 0.05, 'data_dir': '/data/imagenet', 'output': './out', 'hub_token': 'x',
         'experiment': 'run1', 'initial_checkpoint': '', 'weird_name': '/home/me/file', 'stim_prob': 0.5,
         'st_mode': 'random', 'opt': None})
@@ -244,24 +247,24 @@ def test_load_checkpoint_into(tmp_path):
     }, ckpt)
 
     model = timm.create_model('test_resnet', num_classes=10)
-    assert hub.load_checkpoint_into(model, ckpt) == 'state_dict'
+    assert load_checkpoint_into(model, ckpt) == 'state_dict'
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
-    assert hub.load_checkpoint_into(model, ckpt, use_ema=True) == 'state_dict_ema'
+    assert load_checkpoint_into(model, ckpt, use_ema=True) == 'state_dict_ema'
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ema.state_dict().values()))
 
     bare = tmp_path / 'weights.safetensors'
     import safetensors.torch
     safetensors.torch.save_file(src.state_dict(), str(bare))
-    assert hub.load_checkpoint_into(model, bare) == ''
+    assert load_checkpoint_into(model, bare) == ''
 
     with pytest.raises(ValueError, match=r'shape mismatch: fc\.weight .*--num-classes'):
-        hub.load_checkpoint_into(timm.create_model('test_resnet', num_classes=7), ckpt)
+        load_checkpoint_into(timm.create_model('test_resnet', num_classes=7), ckpt)
     with pytest.raises(ValueError, match='missing: .*unexpected: '):
-        hub.load_checkpoint_into(timm.create_model('test_vit', num_classes=10), ckpt)
+        load_checkpoint_into(timm.create_model('test_vit', num_classes=10), ckpt)
     with pytest.raises(ValueError, match='no EMA weights'):
-        hub.load_checkpoint_into(model, bare, use_ema=True)
+        load_checkpoint_into(model, bare, use_ema=True)
     with pytest.raises(FileNotFoundError):
-        hub.load_checkpoint_into(model, tmp_path / 'nope.pth')
+        load_checkpoint_into(model, tmp_path / 'nope.pth')
 
 
 # ---------------------------------------------------------------------------------------------- CLI validation
@@ -288,7 +291,7 @@ def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys, argv, messa
 
 
 def test_push_refuses_offline_mode(tmp_path, monkeypatch):
-    out = hub.export_timm_model(_small_resnet(), tmp_path / 'export', 'test_resnet')
+    out = export_timm_model(_small_resnet(), tmp_path / 'export', 'test_resnet')
     monkeypatch.setattr(hub.hf_constants, 'HF_HUB_OFFLINE', True)
     with pytest.raises(hub.HubPushError, match='not attempted: HF_HUB_OFFLINE is set'):
         hub.push_folder_to_hub(out, 'owner/name')
@@ -334,8 +337,8 @@ def published(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp('published')
     with FakeHub() as server:
         vit = _vit()
-        card = hub.create_model_card('vit_tiny_patch16_224', 'owner/vit-st', 'CIFAR-10', {}, {}, {})
-        vit_export = hub.export_timm_model(vit, tmp_path / 'export', 'vit_tiny_patch16_224', model_card=card)
+        card = create_model_card('vit_tiny_patch16_224', 'owner/vit-st', 'CIFAR-10', {}, {}, {})
+        vit_export = export_timm_model(vit, tmp_path / 'export', 'vit_tiny_patch16_224', model_card=card)
         _save_io(vit, tmp_path / 'vit_io.pt', (2, 3, 64, 64), (1, 3, 96, 80))
         script = (
             'import sys; from timm_stim.hub import push_folder_to_hub; '
@@ -350,10 +353,14 @@ def published(tmp_path_factory):
         cli_push = _push_cli(
             ckpt, 'owner/resnet-st', env, tmp_path,
             '--model', 'test_resnet', '--num-classes', '10', '--hub-private', '--hub-revision', 'dev')
-        yield argparse.Namespace(
-            hub=server, tmp_path=tmp_path, vit_export=vit_export, api_push=api_push, cli_push=cli_push)
+        # the README's command: a run folder alone, architecture and classes from its args.yaml / checkpoint
+        _write_run(tmp_path / 'run_only', resnet)
+        run_push = _push_cli(tmp_path / 'run_only', 'owner/resnet-run', env, tmp_path)
+        yield argparse.Namespace(hub=server, tmp_path=tmp_path, vit_export=vit_export, api_push=api_push,
+                                 cli_push=cli_push, run_push=run_push, resnet=resnet)
 
 
+@pytest.mark.slow
 def test_push_api(published):
     result, server = published.api_push, published.hub
     assert result.returncode == 0, result.stderr[-3000:]
@@ -368,6 +375,7 @@ def test_push_api(published):
     assert not server.repo('owner/vit-st').private
 
 
+@pytest.mark.slow
 def test_cli_push_checkpoint(published):
     result, server = published.cli_push, published.hub
     assert result.returncode == 0, result.stderr[-3000:]
@@ -375,7 +383,7 @@ def test_cli_push_checkpoint(published):
     assert TOKEN not in result.stdout + result.stderr
 
     export = published.tmp_path / 'run' / 'hf_export'  # default: next to the checkpoint
-    assert hub.is_export_folder(export)
+    assert is_export_folder(export)
     card = (export / 'README.md').read_text()
     assert "hf-hub:owner/resnet-st'" in card and 'torch/cifar10' in card
     assert '| eval_top1 | 42.25 |' in card and '| best_eval_top1 | 42.25 |' in card
@@ -388,6 +396,23 @@ def test_cli_push_checkpoint(published):
     assert {k: hashlib.sha256(v).hexdigest() for k, v in remote.items() if k != '.gitattributes'} == _digest(export)
 
 
+@pytest.mark.slow
+def test_cli_push_run_folder_without_model(published):
+    """`python -m timm_stim.hub push output/train/<run> --hub-repo-id you/name`: no --model, no --num-classes."""
+    result, server = published.run_push, published.hub
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == f'{server.url}/owner/resnet-run'
+    export = published.tmp_path / 'run_only' / 'hf_export'
+    config = json.loads((export / 'config.json').read_text())
+    assert config['architecture'] == 'test_resnet' and config['num_classes'] == 10  # classes read off the head
+    reloaded = timm.create_model(f'local-dir:{export}', pretrained=True).eval()
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(),
+                                                 published.resnet.state_dict().values()))
+    remote = server.files('owner/resnet-run')
+    assert {k: hashlib.sha256(v).hexdigest() for k, v in remote.items() if k != '.gitattributes'} == _digest(export)
+
+
+@pytest.mark.slow
 def test_pushed_models_load_with_plain_timm(published):
     if published.api_push.returncode or published.cli_push.returncode:
         pytest.skip('push failed, see test_push_api / test_cli_push_checkpoint')
@@ -401,6 +426,7 @@ def test_pushed_models_load_with_plain_timm(published):
     assert 'LOADED hf-hub:owner/resnet-st@dev ResNet 10' in out
 
 
+@pytest.mark.slow
 def test_cli_push_fails_cleanly_then_retry_works(tmp_path, fake_hub):
     model = _small_resnet()
     ckpt = _write_run(tmp_path / 'run', model)

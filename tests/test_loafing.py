@@ -1,18 +1,17 @@
-"""Tests for timm_stim.loafing: subnet sets, evaluation, FLOP counting, BN re-estimation, outputs and CLI."""
+"""Tests for timm_stim.loafing (subnet sets, evaluation, BN re-estimation, CLI), timm_stim.flops and
+timm_stim.loafing_report (summary, outputs); model loading: tests/test_checkpoint.py."""
 import csv
 import json
 
 import pytest
 import timm
 import torch
-import yaml
 
 from timm_stim import SubnetSpec, find_residual_blocks
-from timm_stim import loafing
-from timm_stim.loafing import (
-    count_relative_flops, evaluate_subnets, load_model_for_loafing, loafing_markdown, make_subnet_specs, summarize,
-    write_results,
-)
+from timm_stim import loafing, loafing_report
+from timm_stim.flops import count_relative_flops
+from timm_stim.loafing import evaluate_subnets, make_subnet_specs
+from timm_stim.loafing_report import loafing_markdown, summarize, write_results
 
 SIZE = (3, 32, 32)
 
@@ -135,6 +134,7 @@ def test_bn_recal_touches_only_a_copy(monkeypatch):
     assert all(r['bn_recal_images'] == 16 and r['top1_bnrecal'] is not None for r in rows)
 
 
+@pytest.mark.slow
 def test_outputs_written(tmp_path):
     models = [_resnet18(0), _resnet18(1)]
     results = []
@@ -148,7 +148,7 @@ def test_outputs_written(tmp_path):
     with open(files['csv'], newline='') as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 4 and rows[0]['model'] == 'a' and rows[0]['depths'] == '2,2,2,2'
-    assert set(loafing.RESULT_FIELDS) <= set(rows[0])
+    assert set(loafing_report.RESULT_FIELDS) <= set(rows[0])
     payload = json.loads(files['json'].read_text())
     assert len(payload['results']) == 8 and [s['model'] for s in payload['summary']] == ['a', 'b']
     assert files['png'].read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -163,40 +163,7 @@ def test_outputs_written(tmp_path):
     assert md.count('\n| ') == 3 and '![' in md and '(loafing.png)' in md and 'BN re-est.' in md
 
 
-def test_load_model_sources(tmp_path):
-    model = _resnet18()
-    bare = tmp_path / 'bare.pth'
-    torch.save(model.state_dict(), bare)
-    with pytest.raises(ValueError, match='--model'):
-        load_model_for_loafing(bare)
-    classname_arch = tmp_path / 'classname.pth.tar'  # timm's CheckpointSaver without args stores 'resnet'
-    torch.save({'state_dict': model.state_dict(), 'arch': 'resnet'}, classname_arch)
-    with pytest.raises(ValueError, match='--model'):
-        load_model_for_loafing(classname_arch)
-    loaded, info = load_model_for_loafing(bare, model_name='resnet18')  # num_classes read off the head
-    assert info['num_classes'] == 10 and info['kind'] == 'checkpoint'
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-
-    run = tmp_path / 'run'
-    run.mkdir()
-    (run / 'args.yaml').write_text(yaml.safe_dump({'model': 'resnet18', 'num_classes': 10, 'img_size': 32}))
-    torch.save({'state_dict': model.state_dict(), 'epoch': 1}, run / 'model_best.pth.tar')
-    loaded, info = load_model_for_loafing(run)
-    assert info['kind'] == 'train_dir' and info['label'] == 'run' and info['checkpoint'].endswith('model_best.pth.tar')
-    assert info['data_config'] == {'img_size': 32}
-    with pytest.raises(FileNotFoundError, match='last.pth.tar'):
-        load_model_for_loafing(run, checkpoint='last')
-    with pytest.raises(FileNotFoundError):
-        load_model_for_loafing(tmp_path / 'missing')
-
-    export = tmp_path / 'export'
-    timm.models.save_for_hf(model, export, model_args=dict(num_classes=10), safe_serialization=True)
-    for source in (export, f'local-dir:{export}'):
-        loaded, info = load_model_for_loafing(source)
-        assert info['kind'] == 'local_dir' and info['num_classes'] == 10
-        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-
-
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path, capsys):
     ckpt = tmp_path / 'r18.pth.tar'
     torch.save({'state_dict': _resnet18().state_dict(), 'arch': 'resnet18'}, ckpt)

@@ -32,7 +32,7 @@ def vit12():
 
 
 def depth_set(sampler, specs):
-    return {sampler.depths(s) for s in specs}
+    return {sampler.layout.depths(s) for s in specs}
 
 
 def test_st_resnet50_support(r50):
@@ -54,7 +54,7 @@ def test_st_resnet50_support(r50):
 def test_st_marginals_uniform(r50):
     s = SubnetSampler(r50, 'st', seed=123)
     n_draws = 8000
-    draws = [s.depths(s.sample()) for _ in range(n_draws)]
+    draws = [s.layout.depths(s.sample()) for _ in range(n_draws)]
     for st, n_s in enumerate((3, 4, 6, 3)):
         counts = collections.Counter(d[st] for d in draws)
         stat = chi2_stat(counts, range(1, n_s + 1))
@@ -78,7 +78,7 @@ def test_stpp_resnet50(r50):
     expected = {(3, d2, d3, 3) for d2 in (3, 4) for d3 in (3, 4, 5, 6)}
     assert depth_set(s, support) == expected
     assert s.layout.full_spec() in support
-    draws = collections.Counter(s.depths(s.sample()) for _ in range(8000))
+    draws = collections.Counter(s.layout.depths(s.sample()) for _ in range(8000))
     assert set(draws) == expected
     assert chi2_stat(draws, sorted(expected)) < CHI2_999[7]
     assert s.expected_kept_fraction() == pytest.approx(1 - 2 / 16)
@@ -94,7 +94,7 @@ def test_k_lists_from_method(r50, k):
     n = (3, 4, 6, 3)
     expected = set(itertools.product(*[range(n_s - k_s + 1, n_s + 1) for n_s, k_s in zip(n, k_list)]))
     assert depth_set(s, support) == expected
-    draws = {s.depths(s.sample()) for _ in range(300)}
+    draws = {s.layout.depths(s.sample()) for _ in range(300)}
     assert draws <= expected
     # sequence form is the same rule
     assert SubnetSampler(r50, list(k_list)).k_list == k_list
@@ -202,7 +202,10 @@ def test_flat_vit_pseudo_stages(vit12):
 
 
 def test_flat_pseudo_stages_keep_class_attention_stage():
-    layout = find_residual_blocks(timm.create_model('cait_xxs24_224', img_size=32, patch_size=8, num_classes=10))
+    # discovery leaves CaiT's class-attention blocks out; named explicitly they form a trailing unskippable stage
+    blocks = [f'blocks.{i}' for i in range(24)] + ['blocks_token_only.0', 'blocks_token_only.1']
+    model = timm.create_model('cait_xxs24_224', img_size=32, patch_size=8, num_classes=10)
+    layout = find_residual_blocks(model, blocks=blocks)
     split = split_flat_layout(layout, 4)
     assert split.stage_sizes == (6, 6, 6, 6, 2) and split.skippable_sizes == (6, 6, 6, 6, 0)
     assert space_k_list(split, 'st') == (6, 6, 6, 6, 1)
@@ -287,3 +290,12 @@ def test_size_sampler_resume():
     assert [b.sample() for _ in range(50)] == seq
     fresh = SizeSampler(224, 0.43, seed=7)
     assert [fresh.sample() for _ in range(50)] != seq
+
+
+def test_size_sampler_resume_checks_sizes():
+    state = SizeSampler(64, 0.5, seed=0).state_dict()
+    with pytest.raises(ValueError, match=r'saved for subnet sizes 32\.\.64 \(33 sizes\) but this run draws '
+                                         r'48\.\.64 \(17 sizes\).*--stim-min-scale'):
+        SizeSampler(64, 0.75, seed=0).load_state_dict(state)
+    with pytest.raises(ValueError, match='saved for subnet sizes'):  # same range, sizes dropped by the set-up probe
+        SizeSampler(64, 0.5, sizes=[s for s in range(32, 65) if s % 2 == 0]).load_state_dict(state)

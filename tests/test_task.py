@@ -108,8 +108,12 @@ def test_bn_freeze_leaves_running_stats_to_full_pass():
     x, y = _batch()
     task = _task(model, num_subnets=2, bn='freeze')
     task.train()
+    stem_bn_calls = []
+    handle = model.bn1.register_forward_hook(lambda m, i, o: stem_bn_calls.append(m.training))
     out = task(x, y)
-    assert any(spec.num_skipped for spec, _ in out['draws']) or any(s != 32 for _, s in out['draws'])
+    handle.remove()
+    # the two subnets really ran through the (training-mode) BN layers and differ from the full network
+    assert stem_bn_calls == [True, True, True] and float(out['stim_loss']) > 0
     plain(x)
     after_plain, after_task = _bn_buffers(plain), _bn_buffers(model)
     assert after_plain.keys() == after_task.keys()
@@ -316,7 +320,8 @@ def _beit():
 
 def test_smaller_inputs_error_at_setup():
     model = _beit()
-    with pytest.raises(SmallerInputsError, match='beit_base_patch16_224 cannot take 32x32 inputs'):
+    with pytest.raises(SmallerInputsError, match=r'beit_base_patch16_224 cannot take any of the subnet input sizes '
+                                                 r'32\.\.48 below the training size 64 .*--stim-min-scale'):
         create_stimulator(model, create_stim_config('st++', space='st'))
     assert issubclass(SmallerInputsError, ValueError)
     # smaller inputs turned off: fine
@@ -359,3 +364,42 @@ def test_invalid_config(kwargs, match):
         create_stim_config('st++', **kwargs)
     with pytest.raises(ValueError, match='unknown stim preset'):
         create_stim_config('st+++')
+
+
+# --------------------------------------------------------------------------------------------------------
+# Subnet input sizes: every drawable size is known to work before training
+
+def _forward_ok(model, size):
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+        return True
+    except RuntimeError:
+        return False
+
+
+def test_only_working_sizes_are_drawn_dla34(caplog):
+    """dla34 at 64 px works at some sizes of 32..64 only (its tree aggregation adds maps that stop matching)."""
+    torch.manual_seed(0)
+    model = timm.create_model('dla34', num_classes=10)
+    with caplog.at_level('INFO', logger='timm_stim.stimulator'):
+        stim = create_stimulator(model, create_stim_config('st++', min_scale=0.5), full_size=64)
+    kept = stim.size_sampler.sizes
+    works = {s: _forward_ok(model, s) for s in range(32, 65)}
+    assert kept == tuple(s for s, ok in works.items() if ok)
+    assert 1 < len(kept) < 33 and kept[-1] == 64  # some but not all sizes: the probe decides, not the range
+    assert {stim.size_sampler.sample() for _ in range(400)} == set(kept)
+    assert f'{len(kept)} of 33 kept (32..64 px, dropped: ' in caplog.text
+
+
+def test_no_smaller_size_works_is_refused_with_the_range_flags():
+    """convnext_atto at 32 px: its stem and downsampling layers need at least 32 px, so no subnet size below works."""
+    model = timm.create_model('convnext_atto', num_classes=10)
+    with pytest.raises(SmallerInputsError, match=r'convnext_atto cannot take any of the subnet input sizes 13\.\.31 '
+                                                 r'below the training size 32 \(RuntimeError: .*--stim-min-scale.*'
+                                                 r'--stim-sizes'):
+        create_stimulator(model, create_stim_config('st++'), full_size=32)
+    # at 64 px part of the range works: those sizes are kept, the rest dropped
+    stim = create_stimulator(model, create_stim_config('st++'), full_size=64)
+    assert 1 < len(stim.size_sampler.sizes) < 64 - 27 + 1
+    assert all(_forward_ok(model, s) for s in stim.size_sampler.sizes)

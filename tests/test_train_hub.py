@@ -35,6 +35,7 @@ def _train(tmp_path, url, *extra):
                      env=_hub_env(url, tmp_path))
 
 
+@pytest.mark.slow
 def test_push_to_hub_exports_a_plain_timm_model(tmp_path, fake_hub):
     res = _train(tmp_path, fake_hub.url, '--loafing-eval', '3')
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -64,6 +65,7 @@ def test_push_to_hub_exports_a_plain_timm_model(tmp_path, fake_hub):
     assert f"{full['top1']:.2f}" in card
 
 
+@pytest.mark.slow
 def test_failed_push_exits_nonzero_and_keeps_local_files(tmp_path, fake_hub):
     fake_hub.set_failure('all', status=503)
     res = _train(tmp_path, fake_hub.url, '--hub-weights', 'last')

@@ -63,13 +63,14 @@ def test_embedded_default_one_epoch(tmp_path, stim):
     assert args['input_size'] is None and args['img_size'] == 32 and args['hflip'] == 0.0  # digits recipe applied
     rows = read_summary(run)
     assert len(rows) == 1
-    for col in ('train_loss', 'train_main_loss', 'train_stim_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr'):
-        assert col in rows[0], col
+    timm_cols = ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']  # timm's summary.csv
+    stim_cols = ['train_main_loss', 'train_stim_loss', 'train_depth_frac', 'train_stim_size']
+    assert list(rows[0]) == (timm_cols if stim == 'none' else timm_cols[:2] + stim_cols + timm_cols[2:])
     ckpt = load_ckpt(run / 'last.pth.tar')
     assert ckpt['epoch'] == 0 and 'rng' in ckpt['train_state']
     assert ckpt['args'].model == 'resnet18'
     if stim == 'none':
-        assert 'Stim:' not in res.stdout and float(rows[0]['train_stim_loss']) == 0.0
+        assert 'Stim:' not in res.stdout
         assert 'task_state' not in ckpt
     else:
         for word in ('Main:', 'Stim:', 'Depth:', 'Size:', 'img/s', 'LR:', 'Step:'):
@@ -79,7 +80,7 @@ def test_embedded_default_one_epoch(tmp_path, stim):
     assert 'Acc@1' in res.stdout and 'error' not in res.stderr
 
 
-@pytest.mark.parametrize('stim,scope', [('st++', 'full'), ('st++', 'blocks'), ('none', 'full')])
+@pytest.mark.parametrize('stim,scope', [('st++', 'full'), ('st++', 'subnets'), ('none', 'full')])
 def test_torchcompile(tmp_path, stim, scope):
     """--torchcompile (dynamo + AOT autograd, eager kernels: inductor's C++ build takes minutes here) under
     ST++ with both --stim-compile scopes and a whole-model compile under --stim none: training and
@@ -89,7 +90,8 @@ def test_torchcompile(tmp_path, stim, scope):
                     '--stim-compile', scope, '--output', out, '--experiment', 'run', *FAST)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = read_summary(out / 'run')
-    assert (float(rows[0]['train_stim_loss']) > 0.0) == (stim == 'st++') and float(rows[0]['eval_top1']) > 0.0
+    assert ('train_stim_loss' in rows[0]) == (stim == 'st++') and float(rows[0]['eval_top1']) > 0.0
+    assert stim == 'none' or float(rows[0]['train_stim_loss']) > 0.0
     state = load_ckpt(out / 'run' / 'last.pth.tar')['state_dict']
     assert not [k for k in state if '_orig_mod' in k or k.startswith('module.')]
     timm.create_model('resnet18', num_classes=10).load_state_dict(state)

@@ -13,15 +13,25 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = [
     'ResidualBlock', 'BlockLayout', 'SubnetSpec', 'NoResidualBlocksError',
-    'find_residual_blocks', 'subnet', 'resolve_spec',
+    'find_residual_blocks', 'subnet', 'resolve_spec', 'default_input_size',
 ]
 
 _DROP_PATH_ATTRS = ('drop_path', 'drop_path1', 'drop_path2')
 # Class-attention blocks read the patch tokens but update only the class token: not residual in the ST sense.
 _CLASS_ATTENTION = re.compile(r'ClassAttn|ClassAttention')
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_HEAD = '<forward_head>'  # trace record marking where the model's head starts
+# Parameters that scale the shortcut itself (MetaFormer's res_scale): one, not zero, in the identity test.
+_SHORTCUT_SCALE = re.compile(r'(^|\.)res_scale\d*\.')
+# What a block with its residual branch silenced may return: its input, or its input after the post-add activation.
+_POST_ADD_ACTIVATIONS = (
+    lambda x: x, F.relu, F.relu6, F.silu, F.gelu, lambda x: F.gelu(x, approximate='tanh'), F.leaky_relu,
+    lambda x: F.leaky_relu(x, 0.1), lambda x: F.leaky_relu(x, 0.2), F.hardswish, F.elu, F.mish,
+)
 
 
 class NoResidualBlocksError(ValueError):
@@ -35,6 +45,7 @@ class ResidualBlock:
     stage: int
     skippable: bool
     reason: str = ''  # why the block is not skippable, empty when it is
+    tuple_output: bool = False  # returns a tuple such as mvitv2's (x, feat_size): skipped, it returns its inputs
 
 
 @dataclass(frozen=True)
@@ -113,7 +124,8 @@ class BlockLayout:
     def with_stages(self, stage_of_block: Sequence[int]) -> 'BlockLayout':
         """The same blocks regrouped into other stages (used for pseudo-stages of flat models)."""
         return BlockLayout(
-            tuple(ResidualBlock(b.path, int(s), b.skippable, b.reason) for b, s in zip(self.blocks, stage_of_block)),
+            tuple(ResidualBlock(b.path, int(s), b.skippable, b.reason, b.tuple_output)
+                  for b, s in zip(self.blocks, stage_of_block)),
             self.model_name,
         )
 
@@ -161,22 +173,50 @@ def _block_patterns(model: nn.Module) -> List[re.Pattern]:
     return patterns
 
 
-def _candidate_paths(model: nn.Module) -> List[str]:
-    """Paths of modules that look like residual blocks, keeping only the innermost ones."""
+def _innermost(paths: Sequence[str]) -> List[str]:
+    path_set = set(paths)
+    return [p for p in paths if not any(q.startswith(p + '.') for q in path_set)]
+
+
+def _hinted_paths(model: nn.Module) -> List[str]:
+    """Modules timm marks as blocks: owners of a drop_path slot, else matches of the group_matcher block regexes."""
     found = [path for path, module in model.named_modules() if path and _owns_drop_path(module)]
-    if not found:
-        # Models without stochastic-depth slots (legacy SENet): containers named like timm's block groups.
+    if not found:  # models without stochastic-depth slots (legacy SENet, DLA)
         patterns = _block_patterns(model)
         found = [
             path for path, module in model.named_modules()
             if path and len(module._modules) > 0
             and any((m := p.match(path)) is not None and m.end() == len(path) for p in patterns)
         ]
-    found_set = set(found)
-    return [p for p in found if not any(q.startswith(p + '.') for q in found_set)]
+    return _innermost(found)
 
 
-def _default_input_size(model: nn.Module) -> Tuple[int, int, int]:
+def _structural_paths(model: nn.Module) -> List[str]:
+    """Every module that could be a block: it has children and is not a plain container (Sequential, ModuleList)."""
+    return [path for path, module in model.named_modules()
+            if path and len(module._modules) > 0 and type(module) not in _CONTAINERS]
+
+
+def _feature_stages(model: nn.Module) -> List[Tuple[str, int]]:
+    """(module path, stage index) of timm's `feature_info`; entries at the same reduction share a stage (flat ViTs)."""
+    info = getattr(model, 'feature_info', None)
+    if not isinstance(info, (list, tuple)):
+        return []
+    known = dict(model.named_modules())
+    out, stage, prev_reduction = [], -1, None
+    for entry in info:
+        if not isinstance(entry, dict) or entry.get('module') not in known or not entry.get('module'):
+            continue
+        reduction = entry.get('reduction')
+        if reduction != prev_reduction or stage < 0:
+            stage += 1
+        prev_reduction = reduction
+        out.append((entry['module'], stage))
+    return out
+
+
+def default_input_size(model: nn.Module) -> Tuple[int, int, int]:
+    """(C, H, W) the model is configured for: its patch embedding's img_size, else its pretrained_cfg."""
     patch_embed = getattr(model, 'patch_embed', None)
     img_size = getattr(patch_embed, 'img_size', None)
     in_chans = getattr(model, 'in_chans', None) or 3
@@ -187,14 +227,25 @@ def _default_input_size(model: nn.Module) -> Tuple[int, int, int]:
     return tuple(cfg.get('input_size', (in_chans, 224, 224)))
 
 
+def describe_error(error: BaseException) -> str:
+    """`Type: first line of the message`, also for errors with an empty message (timm's bare asserts)."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f'{type(error).__name__}: {lines[0][:120]}' if lines else f'{type(error).__name__} (no message)'
+
+
 def _first_input(args: tuple, kwargs: dict):
     if args:
         return args[0]
     return next(iter(kwargs.values()), None)
 
 
+def _main_output(output):
+    """The tensor a block hands on: itself, or the first entry of a tuple output such as mvitv2's (x, feat_size)."""
+    return output[0] if isinstance(output, (tuple, list)) and output else output
+
+
 def _skip_blocker(module: nn.Module) -> str:
-    """Why a shape-preserving block is still not a residual block, or '' if it is one."""
+    """Why a block is excluded by its kind, whatever its identity test says; '' if it is not."""
     if getattr(module, 'has_skip', True) is False:
         return 'has_skip is False (no skip connection)'
     if _CLASS_ATTENTION.search(type(module).__name__):
@@ -205,9 +256,20 @@ def _skip_blocker(module: nn.Module) -> str:
     return ''
 
 
+def _clone_tensors(values):
+    """Inputs are kept for the identity test: clone them so later in-place ops of the forward don't change them."""
+    if torch.is_tensor(values):
+        return values.clone()
+    if isinstance(values, (tuple, list)):
+        return type(values)(_clone_tensors(v) for v in values)
+    if isinstance(values, dict):
+        return {k: _clone_tensors(v) for k, v in values.items()}
+    return values
+
+
 @torch.no_grad()
-def _trace_blocks(model: nn.Module, paths: Sequence[str], input_size: Sequence[int]) -> Dict[str, dict]:
-    """One eval-mode dry forward that records, per block, call order and input/output shapes."""
+def _trace_modules(model: nn.Module, paths: Sequence[str], input_size: Sequence[int]) -> Dict[str, dict]:
+    """One eval-mode dry forward that records, per module, completion order, inputs and output shape."""
     records: Dict[str, dict] = {}
     handles = []
 
@@ -215,13 +277,18 @@ def _trace_blocks(model: nn.Module, paths: Sequence[str], input_size: Sequence[i
         def hook(module, args, kwargs, output):
             if path in records:  # called again (weight sharing): keep the first call
                 return
-            x = _first_input(args, kwargs)
+            x, y = _first_input(args, kwargs), _main_output(output)
             records[path] = dict(
                 order=len(records),
+                args=_clone_tensors(args), kwargs=_clone_tensors(kwargs),
+                # positional args that are the input itself (DLA passes its shortcut as a second argument)
+                aliases=[i for i, a in enumerate(args) if i and a is x],
                 in_shape=tuple(x.shape) if torch.is_tensor(x) else None,
                 in_dtype=x.dtype if torch.is_tensor(x) else None,
-                out_shape=tuple(output.shape) if torch.is_tensor(output) else None,
-                out_dtype=output.dtype if torch.is_tensor(output) else None,
+                out_shape=tuple(y.shape) if torch.is_tensor(y) else None,
+                out_dtype=y.dtype if torch.is_tensor(y) else None,
+                tuple_output=isinstance(output, (tuple, list)),
+                num_outputs=len(output) if isinstance(output, (tuple, list)) else 1,
             )
         return hook
 
@@ -231,14 +298,125 @@ def _trace_blocks(model: nn.Module, paths: Sequence[str], input_size: Sequence[i
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device('cpu')
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    forward_head = getattr(model, 'forward_head', None)
+    if callable(forward_head):  # mark where the head starts: nothing in it is a block
+        def head_marker(*args, **kwargs):
+            records.setdefault(_HEAD, dict(order=len(records)))
+            return forward_head(*args, **kwargs)
+        model.forward_head = head_marker
     try:
         model.eval()
         model(torch.randn(2, *input_size, device=device, dtype=dtype))
+    except Exception as e:  # noqa: BLE001 -- one line, also for timm's bare asserts
+        raise ValueError(f'{_model_name(model)} cannot run on {tuple(input_size)} inputs ({describe_error(e)}); '
+                         f'use an input size the model supports (--img-size / --input-size).') from None
     finally:
         model.train(was_training)
+        if callable(forward_head):
+            del model.forward_head
         for h in handles:
             h.remove()
     return records
+
+
+@torch.no_grad()
+def _passes_input_through(module: nn.Module, rec: dict) -> bool:
+    """The positive residual test: with its parameters zeroed, does the block return its input (up to an activation)?
+
+    Zeroing weights, biases, norm affine parameters and layer scales silences every residual branch, so a block
+    with an identity skip returns act(x) (act: the identity or the activation after the add); a plain layer, an
+    aggregation node or a block with a non-residual part (TinyViT's local_conv, a stage-end norm) does not.
+    Shortcut scales (convformer/caformer `res_scale`) are set to one instead: they sit on the skip itself.
+    """
+    args, kwargs = list(rec['args']), dict(rec['kwargs'])
+    x = _first_input(args, kwargs)
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        return False
+    # A unit-scale input: traced activations can be tiny (1e-4 deep in an EfficientNet), which would let 0.5 * x pass.
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    x = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    if args:
+        for i in [0] + rec['aliases']:
+            args[i] = x
+    else:
+        kwargs[next(iter(kwargs))] = x
+    params = {n: (torch.ones_like(p) if _SHORTCUT_SCALE.search(n) else torch.zeros_like(p))
+              for n, p in module.named_parameters()}
+    params.update({n: b.clone() for n, b in module.named_buffers()})  # nothing may write to the model's buffers
+    try:
+        y = _main_output(torch.func.functional_call(module, params, tuple(args), kwargs))
+    except Exception:  # noqa: BLE001 -- a block that cannot run with zero weights has no testable identity path
+        return False
+    if not torch.is_tensor(y) or y.shape != x.shape:
+        return False
+    tol = 1e-4 if x.dtype in (torch.float32, torch.float64) else 2e-2
+    y, x = y.float(), x.float()
+    return any(torch.allclose(y, act(x), rtol=tol, atol=tol) for act in _POST_ADD_ACTIVATIONS)
+
+
+def _block_reason(model: nn.Module, path: str, rec: dict) -> str:
+    """'' if the traced block can be skipped (an identity skip, same structure in and out), else why not."""
+    if rec['out_shape'] is None:
+        return 'output is not a tensor'
+    if rec['out_shape'] != rec['in_shape'] or rec['out_dtype'] != rec['in_dtype']:
+        return 'changes the shape of its input'
+    if rec['tuple_output'] and rec['num_outputs'] != len(rec['args']):
+        return 'returns a tuple that is not the structure of its inputs'
+    module = model.get_submodule(path)
+    return _skip_blocker(module) or ('' if _passes_input_through(module, rec) else
+                                     'no identity path (with its parameters zeroed it does not return its input)')
+
+
+def _select_blocks(model: nn.Module, paths: Sequence[str], reasons: Dict[str, str], records: Dict[str, dict],
+                   features: Sequence[str]) -> List[str]:
+    """Residual blocks: the outermost modules with an identity skip below the stage level, plus their kind's others.
+
+    A module is at stage level when it holds a feature_info module, or is one that holds residual modules (a
+    ConvNeXt/Swin stage); a ViT block that is its own feature_info entry is a block. Outermost, so a MaxViT block
+    counts once (not its three sub-blocks) and a ResNet block is not split at its SE/GC module. Modules of the
+    same class as a residual block that cannot be skipped (the strided first block of a stage) are blocks too, so
+    stages count every block; other modules (DLA's aggregation nodes, a final ConvBnAct) are not, nor is anything
+    that runs in the model's `forward_head` (a global pool of a 1x1 map keeps its shape).
+    """
+    head = records.get(_HEAD, {}).get('order', len(records))
+    def inside(p, q):  # p strictly inside q
+        return p.startswith(q + '.')
+
+    def below_stage_level(p, residual):
+        return not any(inside(f, p) for f in features) and not (p in features and any(inside(q, p) for q in residual))
+
+    residual = [p for p in paths if reasons[p] == '' and records[p]['order'] < head]
+    eligible = [p for p in residual if below_stage_level(p, residual)]
+    chosen = [p for p in eligible if not any(inside(p, q) for q in eligible)]
+    kinds = {type(model.get_submodule(p)) for p in chosen}
+    chosen += [p for p in paths if reasons[p] and type(model.get_submodule(p)) in kinds
+               and below_stage_level(p, residual) and records[p]['order'] < head]
+    return [p for p in paths if p in chosen and not any(inside(p, q) for q in chosen)]
+
+
+def _assign_stages(paths: Sequence[str], records: Dict[str, dict], features: Sequence[Tuple[str, int]]) -> List[int]:
+    """Stage of every block: that of the first feature_info module at or after it in execution order.
+
+    Without feature_info: a new stage whenever the output shape or the parent container changes.
+    """
+    ran = [(records[f]['order'], s) for f, s in features if f in records]
+    stages = []
+    if ran:
+        ran.sort()
+        last = ran[-1][1] + 1  # blocks after the last feature module (class attention) form a stage of their own
+        for p in paths:
+            order = records[p]['order']
+            stages.append(next((s for o, s in ran if o >= order), last))
+    else:
+        stage, prev_shape, prev_parent = -1, None, None
+        for p in paths:
+            parent = p.rsplit('.', 1)[0] if '.' in p else ''
+            if records[p]['out_shape'] != prev_shape or parent != prev_parent:
+                stage += 1
+            prev_shape, prev_parent = records[p]['out_shape'], parent
+            stages.append(stage)
+    renumber = {s: i for i, s in enumerate(sorted(set(stages)))}
+    return [renumber[s] for s in stages]
 
 
 def find_residual_blocks(
@@ -248,11 +426,12 @@ def find_residual_blocks(
 ) -> BlockLayout:
     """Find the residual blocks of a timm model, in execution order, grouped into stages.
 
-    Candidates are modules that own a stochastic-depth slot (`drop_path*`) or match the block regexes of
-    the model's `group_matcher`; only the innermost are kept. One dry forward then tells which are
-    executed, which keep their input's shape (skippable unless they have no real skip, e.g.
-    `has_skip=False`, class attention, a BatchNorm "identity"), and stage boundaries (a block whose
-    output shape differs from the previous block's, or whose parent container differs, starts a stage).
+    One eval-mode dry forward records every candidate module's input and output. A module is a residual
+    block when it keeps its input's shape and passes a positive test of its identity skip (see
+    `_passes_input_through`), minus kinds that are not residual in the ST sense (`has_skip=False`, class
+    attention, a BatchNorm "identity"). Blocks are the outermost such modules below timm's stage modules;
+    stages come from the model's `feature_info` (the stage of a block is that of the first feature module at
+    or after it; entries at one reduction form one stage, so a plain ViT is one stage).
 
     Args:
         model: a timm (or any) model.
@@ -260,6 +439,9 @@ def find_residual_blocks(
         input_size: (C, H, W) of the dry forward; defaults to the model's configured input size.
     """
     name = _model_name(model)
+    features = _feature_stages(model)
+    feature_paths = [f for f, _ in features]
+    hinted = [] if blocks is not None else _hinted_paths(model)
     if blocks is not None:
         paths = list(blocks)
         known = dict(model.named_modules())
@@ -268,40 +450,43 @@ def find_residual_blocks(
             raise ValueError(
                 f'{name} has no module named {missing[0]!r}; pass paths as printed by model.named_modules() '
                 f'(e.g. {next((p for p in known if p.count(".") == 1), "layer1.0")!r}).')
+    elif features:
+        paths = list(dict.fromkeys(_structural_paths(model) + hinted))
     else:
-        paths = _candidate_paths(model)
+        paths = hinted
     if not paths:
         raise NoResidualBlocksError(
             f'{name} has no residual blocks: no module owns a drop_path slot or matches the model\'s block '
             f'pattern; pass the block module paths explicitly (blocks=[...] / --stim-blocks).')
 
-    records = _trace_blocks(model, paths, input_size or _default_input_size(model))
+    records = _trace_modules(model, list(dict.fromkeys(paths + feature_paths)), input_size or default_input_size(model))
     executed = sorted((p for p in paths if p in records), key=lambda p: records[p]['order'])
     if not executed:
         raise NoResidualBlocksError(f'{name}: none of the {len(paths)} candidate blocks ran in a forward pass.')
-
-    layout_blocks = []
-    stage, prev_shape, prev_parent = -1, None, None
-    for path in executed:
-        rec = records[path]
-        parent = path.rsplit('.', 1)[0] if '.' in path else ''
-        if rec['out_shape'] != prev_shape or parent != prev_parent:
-            stage += 1
-        prev_shape, prev_parent = rec['out_shape'], parent
-        if rec['out_shape'] is None:
-            reason = 'output is not a single tensor'
-        elif rec['out_shape'] != rec['in_shape'] or rec['out_dtype'] != rec['in_dtype']:
-            reason = 'changes the shape of its input'
-        else:
-            reason = _skip_blocker(model.get_submodule(path))
-        layout_blocks.append(ResidualBlock(path, stage, not reason, reason))
-
-    layout = BlockLayout(tuple(layout_blocks), name)
+    was_training = model.training
+    try:
+        model.eval()
+        reasons = {p: _block_reason(model, p, records[p]) for p in executed}
+    finally:
+        model.train(was_training)
+    if blocks is None and any(f in records for f in feature_paths):
+        executed = _select_blocks(model, executed, reasons, records, feature_paths)
+    elif blocks is None:  # no feature_info module ran: timm's block markers (drop_path slots, group_matcher)
+        executed = [p for p in executed if p in set(hinted)]
+    if not executed:
+        raise NoResidualBlocksError(
+            f'{name} has nothing to skip: no module keeps its input\'s shape and passes its input through with its '
+            f'parameters zeroed (no identity skip); Stimulative Training needs a residual network (ResNet/ViT family).')
+    stages = _assign_stages(executed, records, features)
+    layout_blocks = tuple(
+        ResidualBlock(p, s, not reasons[p], reasons[p], records[p]['tuple_output'] and not reasons[p])
+        for p, s in zip(executed, stages))
+    layout = BlockLayout(layout_blocks, name)
     if layout.num_skippable == 0:
-        reasons = sorted({b.reason for b in layout.blocks})
+        why = sorted({b.reason for b in layout.blocks})
         raise NoResidualBlocksError(
             f'{name} has nothing to skip: found {len(layout.blocks)} candidate blocks but none is a residual '
-            f"block that keeps its input's shape ({'; '.join(reasons)}); Stimulative Training needs a "
+            f"block that keeps its input's shape ({'; '.join(why)}); Stimulative Training needs a "
             f'residual network (ResNet/ViT family).')
     return layout
 
@@ -309,12 +494,17 @@ def find_residual_blocks(
 # ----------------------------------------------------------------------------------------------------
 # Running a subnetwork
 
-_SKIP_CLASSES: Dict[type, type] = {}
+_SKIP_CLASSES: Dict[Tuple[type, bool], type] = {}
 
 
 def _identity_forward(self, *args, **kwargs):
     """Forward of a skipped block: its first input passes straight through, nothing is computed."""
     return _first_input(args, kwargs)
+
+
+def _identity_tuple_forward(self, *args, **kwargs):
+    """Forward of a skipped tuple-output block (mvitv2: (x, feat_size) in and out): its inputs pass through."""
+    return args
 
 
 def _new_unskipped(cls: type):
@@ -326,17 +516,18 @@ def _reduce_as_original(self, protocol):
     return _new_unskipped, (type(self).__bases__[0],), self.__dict__
 
 
-def _skipped_class(cls: type) -> type:
-    """A cached subclass of `cls` whose forward is the identity.
+def _skipped_class(cls: type, tuple_output: bool = False) -> type:
+    """A cached subclass of `cls` whose forward is the identity (on its inputs tuple for tuple-output blocks).
 
     Swapping a block's class (instead of wrapping it or patching `forward` on the instance) keeps its
     state_dict keys and its place in the parent container, and survives deepcopy and checkpointing.
     """
-    skipped = _SKIP_CLASSES.get(cls)
+    skipped = _SKIP_CLASSES.get((cls, tuple_output))
     if skipped is None:
         skipped = type(f'Skipped{cls.__name__}', (cls,), {
-            'forward': _identity_forward, '__reduce_ex__': _reduce_as_original, '__module__': __name__})
-        _SKIP_CLASSES[cls] = skipped
+            'forward': _identity_tuple_forward if tuple_output else _identity_forward,
+            '__reduce_ex__': _reduce_as_original, '__module__': __name__})
+        _SKIP_CLASSES[(cls, tuple_output)] = skipped
     return skipped
 
 
@@ -378,10 +569,10 @@ def subnet(model: nn.Module, layout: BlockLayout, spec: SpecLike) -> Iterator[Su
     resolved = resolve_spec(layout, spec)
     swapped: List[Tuple[nn.Module, type]] = []
     try:
-        for module, keep in zip(layout.modules(model), resolved.keep):
+        for block, module, keep in zip(layout.blocks, layout.modules(model), resolved.keep):
             if not keep:
                 cls = type(module)
-                module.__class__ = _skipped_class(cls)
+                module.__class__ = _skipped_class(cls, block.tuple_output)
                 swapped.append((module, cls))
         yield resolved
     finally:

@@ -7,18 +7,23 @@
 * `create_dataset_or_digits` - drop-in for `timm.data.create_dataset` that falls back to digits when no
   dataset / data dir is given, and turns the usual data config mistakes (missing dir, empty image folder,
   torchvision dataset that is not downloaded) into a one-line `DataConfigError` raised before any work.
+* `FixedSubset`, `resolve_eval_data_config`, `create_eval_loader` - a seeded fixed subset of a dataset and the
+  unshuffled eval loader (timm eval transforms) that the loafing evaluation and train_stim.py use.
 """
 import os
 from functools import lru_cache
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
+import torch
 import torch.utils.data
 from PIL import Image
 
+from .checkpoint import DATA_CONFIG_KEYS
+
 __all__ = [
-    'DIGITS_INFO', 'DIGITS_SPLIT_SEED', 'DIGITS_VAL_FRACTION', 'DataConfigError', 'DigitsDataset',
-    'create_dataset_or_digits', 'digits_split_indices',
+    'DIGITS_INFO', 'DIGITS_SPLIT_SEED', 'DIGITS_VAL_FRACTION', 'DataConfigError', 'DigitsDataset', 'FixedSubset',
+    'create_dataset_or_digits', 'create_eval_loader', 'digits_split_indices', 'is_digits', 'resolve_eval_data_config',
 ]
 
 DIGITS_SPLIT_SEED = 42  # seed of the fixed train / validation split (numpy RandomState, stable across versions)
@@ -42,6 +47,11 @@ DIGITS_INFO: Dict[str, Any] = dict(
     crop_pct=1.0,
     interpolation='bilinear',
 )
+
+
+def is_digits(dataset: Optional[str], data_dir: Optional[str]) -> bool:
+    """True for the built-in digits: --dataset digits, or neither a dataset name nor a data dir."""
+    return (dataset or '').lower() == 'digits' or (not dataset and not data_dir)
 
 
 class DataConfigError(ValueError):
@@ -255,7 +265,7 @@ def create_dataset_or_digits(
     argument names apply (download, search_split, class_map, batch_size, num_samples, seed, repeats, ...).
     """
     name = name or ''
-    if name.lower() == 'digits' or (not name and not root):
+    if is_digits(name, root):
         return DigitsDataset(split=split, img_size=img_size)
 
     download = bool(timm_kwargs.get('download', False))
@@ -299,3 +309,76 @@ def create_dataset_or_digits(
 
     from timm.data import create_dataset
     return create_dataset(name, root=root, split=split, is_training=is_training, **timm_kwargs)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# evaluation data
+
+
+class FixedSubset(torch.utils.data.Dataset):
+    """A fixed random subset (drawn with `seed`, kept in dataset order) of a map-style dataset; forwards `transform`,
+    which timm's `create_loader` sets."""
+
+    def __init__(self, dataset, num_samples: int, seed: int = 0):
+        self.dataset = dataset
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+        self.indices = sorted(order[:num_samples].tolist())
+
+    transform = property(lambda self: self.dataset.transform, lambda self, t: setattr(self.dataset, 'transform', t))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.indices[index]]
+
+
+def resolve_eval_data_config(
+        model: torch.nn.Module,
+        overrides: Optional[Dict[str, Any]] = None,
+        run_config: Optional[Dict[str, Any]] = None,
+        digits: bool = False,
+) -> Dict[str, Any]:
+    """Eval preprocessing: explicit overrides > the training run's (or export's) config > digits defaults
+    (when evaluating on the embedded digits) > the model's timm defaults."""
+    import timm.data
+    merged: Dict[str, Any] = {}
+    if digits:
+        merged.update({k: DIGITS_INFO[k] for k in DATA_CONFIG_KEYS if k in DIGITS_INFO})
+    for source in (run_config or {}, overrides or {}):
+        if source.get('img_size') and not source.get('input_size'):
+            merged.pop('input_size', None)
+        merged.update({k: v for k, v in source.items() if v not in (None, '')})
+    return timm.data.resolve_data_config(merged, model=model)
+
+
+def create_eval_loader(
+        dataset: str = '',
+        data_dir: Optional[str] = None,
+        split: str = 'validation',
+        data_config: Optional[Dict[str, Any]] = None,
+        batch_size: int = 128,
+        workers: int = 2,
+        num_samples: Optional[int] = None,
+        seed: int = 0,
+        device: Optional[Union[str, torch.device]] = None,
+) -> torch.utils.data.DataLoader:
+    """A loader of `split` with timm eval transforms (resize, centre crop, normalise), unshuffled.
+
+    With no `dataset` and no `data_dir` it serves the embedded digits. `num_samples` keeps a `FixedSubset` (drawn
+    with `seed`) of that many images, e.g. training images for BN re-estimation or a quick validation subset.
+    """
+    import timm.data
+    config = dict(data_config or {})
+    input_size = tuple(config.get('input_size', (3, 224, 224)))
+    ds = create_dataset_or_digits(dataset or '', data_dir, split, is_training=False, img_size=int(input_size[-1]))
+    ds.transform = timm.data.create_transform(
+        input_size, is_training=False, interpolation=config.get('interpolation', 'bilinear'),
+        mean=config.get('mean', timm.data.IMAGENET_DEFAULT_MEAN), std=config.get('std', timm.data.IMAGENET_DEFAULT_STD),
+        crop_pct=config.get('crop_pct'), crop_mode=config.get('crop_mode'))
+    if num_samples and not isinstance(ds, torch.utils.data.IterableDataset) and num_samples < len(ds):
+        ds = FixedSubset(ds, num_samples, seed)
+    pin = torch.device(device).type == 'cuda' if device is not None else False
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin, drop_last=False,
+        persistent_workers=False)

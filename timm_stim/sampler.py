@@ -1,4 +1,4 @@
-"""Subnetwork sampling rules of ST and ST++ (see METHOD.md and the README's method card).
+"""Subnetwork sampling rules of ST and ST++ (see docs/METHOD.md and the README's method card).
 
 A rule is a list K with one entry per stage: stage s drops r_s blocks, r_s uniform on {0..K_s-1},
 always the last r_s skippable blocks of the stage (so every subnet keeps a prefix of each stage).
@@ -6,7 +6,8 @@ always the last r_s skippable blocks of the stage (so every subnet keeps a prefi
 - `st`: K_s = (skippable blocks of s) + 1, capped so every stage keeps at least one block.
   ResNet-50 (3/4/6/3): d_s uniform on {1..n_s}, 216 subnets.
 - `st++` (the authors' "space3" inter-stage rule, generalised): the first stage and the last stage
-  that has a skippable block never lose blocks; a middle stage may drop down to 3 blocks, and at least one block if it has a skippable one:
+  that has a skippable block never lose blocks; a middle stage may drop down to 3 blocks, and at least one
+  block if it has a skippable one:
   r_max = min(m_s, max(1, n_s - 3)). ResNet-50 gives K = 1,2,4,1: d = (3, {3,4}, {3..6}, 3), 8 subnets.
 - a K-list such as `1,2,4,1` (validated against the model's stages).
 - `bernoulli[:p]`: every skippable block is dropped independently with probability p (default 0.5).
@@ -25,7 +26,7 @@ import torch
 
 from .blocks import BlockLayout, SubnetSpec
 
-__all__ = ['SubnetSampler', 'parse_space', 'space_k_list', 'create_subnet_sampler', 'split_flat_layout']
+__all__ = ['SubnetSampler', 'parse_space', 'space_k_list', 'split_flat_layout']
 
 SpaceLike = Union[str, Sequence[int]]
 
@@ -137,7 +138,8 @@ class SubnetSampler:
         self.k_list = space_k_list(self.layout, space)
         if self.k_list is not None and all(k == 1 for k in self.k_list):
             raise ValueError(
-                f"stim space {space!r} never drops a block on {self.layout.model_name} (K={','.join(map(str, self.k_list))}, "
+                f"stim space {space!r} never drops a block on {self.layout.model_name} "
+                f"(K={','.join(map(str, self.k_list))}, "
                 f"stages {'/'.join(map(str, self.layout.stage_sizes))}); use --stim-space st, bernoulli or a K-list.")
         self.seed = int(seed) + (7919 * int(rank) if per_rank else 0)
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -168,10 +170,6 @@ class SubnetSampler:
                 keep[i] = False
         return SubnetSpec(tuple(keep))
 
-    def depths(self, spec: SubnetSpec) -> Tuple[int, ...]:
-        """Blocks run per (pseudo-)stage."""
-        return self.layout.depths(spec)
-
     def expected_kept_fraction(self) -> float:
         """Expected fraction of residual blocks a sampled subnet runs."""
         if self.drop_prob is not None:
@@ -192,8 +190,3 @@ class SubnetSampler:
     def __repr__(self) -> str:
         rule = f'bernoulli:{self.drop_prob}' if self.drop_prob is not None else 'K=' + ','.join(map(str, self.k_list))
         return f'SubnetSampler({self.space!r}, {rule}, stages={self.layout.stage_sizes})'
-
-
-def create_subnet_sampler(layout: BlockLayout, space: SpaceLike = 'st++', **kwargs) -> SubnetSampler:
-    """Factory mirroring timm's `create_*` style."""
-    return SubnetSampler(layout, space, **kwargs)

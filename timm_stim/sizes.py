@@ -1,16 +1,20 @@
 """The smaller-input branch of ST++: random subnet input sizes, resizing, and a set-up check."""
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Any, Dict, Optional, Sequence
+import time
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .blocks import describe_error
+
 __all__ = [
     'SizeSampler', 'SmallerInputsError', 'resize_batch', 'size_multiple', 'check_smaller_inputs',
-    'smaller_input_kwargs',
+    'smaller_input_kwargs', 'probe_input_sizes', 'describe_kept_sizes',
 ]
 
 
@@ -80,10 +84,19 @@ class SizeSampler:
         return {'sizes': list(self.sizes), 'generator': self.generator.get_state()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        saved = tuple(int(s) for s in state.get('sizes', self.sizes))
+        if saved != self.sizes:
+            raise ValueError(
+                f'size sampler state was saved for subnet sizes {_describe(saved)} but this run draws '
+                f'{_describe(self.sizes)}; resume with the same model, input size, --stim-min-scale and --stim-sizes.')
         self.generator.set_state(state['generator'])
 
     def __repr__(self) -> str:
         return f'SizeSampler(S={self.full_size}, sizes={self.sizes[0]}..{self.sizes[-1]} ({len(self.sizes)}))'
+
+
+def _describe(sizes: Sequence[int]) -> str:
+    return f'{sizes[0]}..{sizes[-1]} ({len(sizes)} sizes)' if sizes else 'none'
 
 
 def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -107,34 +120,94 @@ def smaller_input_kwargs(model_name: str) -> Dict[str, Any]:
             with torch.device('meta'):
                 timm.create_model(model_name, pretrained=False, **kwargs)
             return kwargs
-        except TypeError:
-            continue
-        except Exception:
+        except Exception:  # TypeError for an unknown kwarg; some constructors fail otherwise on meta
             continue
     return {}
 
 
-@torch.no_grad()
-def check_smaller_inputs(model: nn.Module, sizes: Sequence[int], full_size: int, in_chans: int = 3) -> None:
-    """Dry-forward the smallest and largest sizes once at set-up; raise SmallerInputsError if they fail."""
-    name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
-    probe = sorted({min(sizes), max(s for s in sizes if s < full_size) if any(s < full_size for s in sizes)
-                    else min(sizes)})
+def _meta_forward(model: nn.Module, in_chans: int) -> Callable[[int], None]:
+    """A forward that propagates shapes only: the model's parameters and buffers as meta tensors, no compute."""
+    state = {n: t.to('meta') for n, t in itertools.chain(model.named_parameters(), model.named_buffers())}
+
+    def forward(size: int) -> None:
+        torch.func.functional_call(model, state, (torch.empty(1, in_chans, size, size, device='meta'),))
+    return forward
+
+
+def _real_forward(model: nn.Module, in_chans: int) -> Callable[[int], None]:
+    """A real batch-of-one forward, for models whose forward cannot run on meta tensors."""
     param = next(model.parameters())
+
+    def forward(size: int) -> None:
+        model(torch.zeros(1, in_chans, size, size, device=param.device, dtype=param.dtype))
+    return forward
+
+
+@torch.no_grad()
+def probe_input_sizes(model: nn.Module, sizes: Sequence[int], in_chans: int = 3) -> Dict[int, str]:
+    """Which input sizes the model cannot take: {size: one-line reason}, from one eval-mode forward per size.
+
+    Shapes are propagated on the meta device (no compute, no memory for activations); if the model cannot run on
+    meta tensors at all (the largest size fails there), or a real forward of the largest size is cheaper (small
+    inputs on CPU), batch-of-one real forwards are used. Both give the same answer on every model tried.
+    """
+    sizes = sorted({int(s) for s in sizes})
     was_training = model.training
     model.eval()
+    failures: Dict[int, str] = {}
     try:
-        for s in probe:
+        forward = _real_forward(model, in_chans)
+        start = time.perf_counter()
+        try:
+            forward(sizes[-1])
+            real_cost = time.perf_counter() - start
+        except Exception as e:  # noqa: BLE001 -- any error means this size cannot be used
+            failures[sizes[-1]], real_cost = describe_error(e), float('inf')
+        meta = _meta_forward(model, in_chans)
+        start = time.perf_counter()
+        try:
+            meta(sizes[-1])
+            if time.perf_counter() - start < real_cost:
+                forward = meta
+        except Exception:  # noqa: BLE001 -- no meta kernel or a data-dependent forward: stay with real forwards
+            pass
+        for s in sizes[:-1]:
             try:
-                out = model(torch.zeros(1, in_chans, s, s, device=param.device, dtype=param.dtype))
-            except Exception as e:
-                raise SmallerInputsError(
-                    f'{name} cannot take {s}x{s} inputs for the smaller-input branch '
-                    f'({type(e).__name__}: {str(e).splitlines()[0][:120]}); models that support it must be '
-                    f'created with smaller_input_kwargs(name) (dynamic_img_size=True for ViT/EVA/Swin), others '
-                    f'(BEiT, CaiT, PiT, LeViT, ConViT) cannot: turn smaller inputs off with --stim-min-scale 1 or '
-                    f'allow full-size subnets with --stim-size-fallback.') from None
-            if not torch.is_tensor(out):
-                raise SmallerInputsError(f'{name} returned {type(out).__name__} for {s}x{s} inputs, not logits.')
+                forward(s)
+            except Exception as e:  # noqa: BLE001
+                failures[s] = describe_error(e)
     finally:
         model.train(was_training)
+    return failures
+
+
+def check_smaller_inputs(model: nn.Module, sizes: Sequence[int], full_size: int, in_chans: int = 3) -> Tuple[int, ...]:
+    """The subnet input sizes (of `sizes`) the model can take, found before training; raise if none below S works.
+
+    Returns the working sizes; the caller draws only those. Raises SmallerInputsError, naming the options that
+    change the range, when no size smaller than the training size `full_size` works.
+    """
+    name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+    failures = probe_input_sizes(model, sizes, in_chans)
+    kept = tuple(s for s in sorted(set(int(s) for s in sizes)) if s not in failures)
+    if not any(s < full_size for s in kept):
+        smaller = sorted(s for s in failures if s < full_size)
+        example = failures[smaller[0]] if smaller else failures.get(full_size, 'no smaller size requested')
+        raise SmallerInputsError(
+            f'{name} cannot take any of the subnet input sizes {smaller[0]}..{smaller[-1]} below the training size '
+            f'{full_size} ({example}); choose other sizes with --stim-min-scale or --stim-sizes, turn smaller '
+            f'inputs off with --stim-min-scale 1, or allow full-size subnets with --stim-size-fallback. ViT-style '
+            f'models need smaller_input_kwargs(name) at creation (dynamic_img_size=True); BEiT, CaiT, PiT, LeViT '
+            f'and ConViT cannot take other sizes at all.' if smaller else
+            f'{name} cannot take its training size {full_size} ({example}).')
+    return kept
+
+
+def describe_kept_sizes(requested: Sequence[int], kept: Sequence[int]) -> str:
+    """One log line: how many sizes were kept, their range, and which were dropped."""
+    dropped = sorted(set(requested) - set(kept))
+    text = f'{len(kept)} of {len(set(requested))} kept ({min(kept)}..{max(kept)} px'
+    if dropped:
+        shown = ', '.join(map(str, dropped[:12])) + (', ...' if len(dropped) > 12 else '')
+        text += f', dropped: {shown}'
+    return text + ')'

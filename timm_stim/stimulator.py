@@ -18,11 +18,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .blocks import BlockLayout, SubnetSpec, _default_input_size, find_residual_blocks, subnet
+from .blocks import BlockLayout, SubnetSpec, default_input_size, find_residual_blocks, subnet
 from .bn import frozen_bn_stats
 from .losses import StimLoss
 from .sampler import SubnetSampler
-from .sizes import SizeSampler, SmallerInputsError, check_smaller_inputs, resize_batch, size_multiple
+from .sizes import (
+    SizeSampler, SmallerInputsError, check_smaller_inputs, describe_kept_sizes, resize_batch, size_multiple,
+)
 
 __all__ = ['StimConfig', 'STIM_PRESETS', 'create_stim_config', 'Stimulator', 'create_stimulator',
            'stimulative_forward']
@@ -85,7 +87,7 @@ class Stimulator:
     """Everything a step needs to train subnetworks of one model: layout, samplers and the loss.
 
     Built once at set-up: discovers the residual blocks, builds the sampler and the size sampler, and
-    checks (one dry forward) that the model takes the smaller inputs before any training starts.
+    keeps only the subnet input sizes the model takes (checked for every size before any training starts).
     """
 
     def __init__(
@@ -101,22 +103,27 @@ class Stimulator:
         self.loss_fn = StimLoss(config.loss, config.temperature, config.amplitude)  # validates before any work
         if layout is None:
             input_size = None if full_size is None else (
-                _default_input_size(model)[0], int(full_size), int(full_size))
+                default_input_size(model)[0], int(full_size), int(full_size))
             layout = find_residual_blocks(model, blocks=blocks, input_size=input_size)
         self.sampler = SubnetSampler(layout, config.space, seed=config.seed, rank=rank,
                                      per_rank=config.per_rank, pseudo_stages=config.pseudo_stages)
         self.layout = self.sampler.layout
-        self.full_size = int(full_size or _default_input_size(model)[1])
+        self.full_size = int(full_size or default_input_size(model)[1])
         size_seed = config.seed + 1 + (7919 * rank if config.per_rank else 0)
-        self.size_sampler = SizeSampler(self.full_size, config.min_scale, config.sizes, size_multiple(model), size_seed)
+        multiple = size_multiple(model)
+        self.size_sampler = SizeSampler(self.full_size, config.min_scale, config.sizes, multiple, size_seed)
         if self.size_sampler.enabled:
-            try:
-                check_smaller_inputs(model, self.size_sampler.sizes, self.full_size)
+            requested = self.size_sampler.sizes
+            try:  # every size the sampler could draw is checked now, so no draw can fail mid-training
+                kept = check_smaller_inputs(model, requested, self.full_size, default_input_size(model)[0])
             except SmallerInputsError as e:
                 if not config.size_fallback:
                     raise
                 _logger.warning(f'{e} Falling back to full-size subnet inputs.')
-                self.size_sampler = SizeSampler(self.full_size, 1.0, seed=size_seed)
+                kept = (self.full_size,)
+            if kept != requested:
+                self.size_sampler = SizeSampler(self.full_size, config.min_scale, kept, multiple, size_seed)
+            _logger.info(f'Subnet input sizes: {describe_kept_sizes(requested, kept)}')
         self.enabled = True
 
     def main_logits(self, output: torch.Tensor) -> torch.Tensor:
@@ -125,9 +132,9 @@ class Stimulator:
             return self.loss_fn.transform(output)
         return output
 
-    def sample(self, num: Optional[int] = None) -> List[Tuple[SubnetSpec, int]]:
+    def sample(self) -> List[Tuple[SubnetSpec, int]]:
         """Draw (subnet, input size) for each of the step's M subnets."""
-        return [(self.sampler.sample(), self.size_sampler.sample()) for _ in range(num or self.config.num_subnets)]
+        return [(self.sampler.sample(), self.size_sampler.sample()) for _ in range(self.config.num_subnets)]
 
     def subnet_loss(
             self,

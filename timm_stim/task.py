@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -9,7 +10,6 @@ import torch.nn as nn
 from timm.task import TrainingTask
 from timm.utils import ModelEmaV3, unwrap_model
 
-from .compile import compile_blocks
 from .stimulator import Stimulator, stimulative_forward
 
 __all__ = ['StimulativeModule', 'StimulativeTask']
@@ -32,19 +32,29 @@ class StimulativeModule(nn.Module):
         self.criterion = criterion
         self.stimulator = stimulator
         self.grad_multiplier = 1.0
-        self.set_full_model(None)
+        self.grad_scaler = None
+        self.set_compiled(None)
 
-    def set_full_model(self, full_model: Optional[Callable]) -> None:
-        """What runs the full-network pass (a compiled `module`), or None for `module` itself.
+    def set_compiled(self, compiled: Optional[Callable], subnets: bool = False) -> None:
+        """A compiled `module` for the full-network pass, and with `subnets` for the subnet passes too.
 
         Stored outside the submodule registry: a compiled wrapper shares `module`'s parameters, and
         registering it would list them (and the state_dict keys) twice.
         """
-        object.__setattr__(self, 'full_model', full_model)
+        object.__setattr__(self, 'compiled', compiled)
+        self.compile_subnets = subnets
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
+        multiplier = self.grad_multiplier
+        if self.grad_scaler is not None and self.stimulator is not None and torch.is_grad_enabled():
+            # the AMP scale stays on the device: reading it as a number would sync host and device every step
+            multiplier = self.grad_scaler.scale(input.new_full((), multiplier, dtype=torch.float32))
+        if self.compiled is not None and self.compile_subnets:
+            # subnet() swaps block classes on the shared modules, so the compiled callable runs subnets too
+            return stimulative_forward(self.compiled, input, target, self.criterion, self.stimulator,
+                                       grad_multiplier=multiplier)
         return stimulative_forward(self.module, input, target, self.criterion, self.stimulator,
-                                   grad_multiplier=self.grad_multiplier, full_model=self.full_model)
+                                   grad_multiplier=multiplier, full_model=self.compiled)
 
 
 class StimulativeTask(TrainingTask):
@@ -87,11 +97,16 @@ class StimulativeTask(TrainingTask):
             self.stimulator.enabled = enabled
 
     def set_grad_multiplier(self, multiplier: float) -> None:
-        """Loss multiplier the caller applies before backward (AMP scale / accumulation steps).
+        """Loss multiplier the caller applies before backward besides AMP scaling: 1 / accumulation steps.
 
-        Only the memory-lean path needs it, because it back-propagates subnet losses inside forward.
+        Only memory-lean (or gradient-checkpointed) subnet passes use it: they back-propagate inside forward.
         """
         self._stim_module().grad_multiplier = float(multiplier)
+
+    def set_loss_scaler(self, scaler: Optional[Any]) -> None:
+        """The AMP loss scaler of the loop (torch GradScaler or timm's NativeScaler), handed over once, so that
+        subnet losses back-propagated inside forward get the same scale as the loop's backward."""
+        self._stim_module().grad_scaler = getattr(scaler, '_scaler', scaler)  # NativeScaler wraps a GradScaler
 
     def _stim_module(self) -> StimulativeModule:
         module = self.trainable_module
@@ -105,29 +120,53 @@ class StimulativeTask(TrainingTask):
         return self
 
     def compile(self, backend: str = 'inductor', mode: Optional[str] = None, scope: str = 'full',
-                **compile_kwargs) -> nn.Module:
+                max_graphs: int = 64, **compile_kwargs) -> nn.Module:
         """torch.compile for training; returns the model to evaluate with.
 
-        scope='full' (default): one whole-model compile that runs the full-network pass (and evaluation);
-        the subnet passes run eagerly. The compiled graph only ever sees the full network at the full size,
-        so it never recompiles, and the full pass (the plain-training part of a step) gets the whole-model
-        speed-up. scope='blocks': regional compile (`compile_blocks`), every residual block compiled on its
-        own with the skip decision kept in Python, so subnet passes are compiled too; measured slower than
-        eager for ResNet-50 on an H200 (BENCHMARKS.md). Plain training (no stimulator) always compiles the
-        whole model.
+        scope='full' (default): one whole-model compile runs the full-network pass (and evaluation); subnet
+        passes run eagerly. The graph only ever sees the full network at the full size: it never recompiles.
+        scope='subnets': the same compiled model also runs every subnet pass. Dynamo guards on the block
+        classes that `subnet()` swaps, so it builds one graph per (subnet, input size) pair it meets. That is
+        bounded only for a small subnet space with a few fixed sizes (ST++ on ResNet-50: 8 subnets; give
+        `--stim-sizes` buckets), so the bound is checked here and dynamo's recompile limit raised to it.
+        Graphs are static per size (`dynamic=False` unless given).
+        Plain training (no stimulator) always compiles the whole model.
         """
-        if scope not in ('full', 'blocks'):
-            raise ValueError(f"compile scope must be 'full' or 'blocks', got {scope!r}")
-        model = self.model
-        if self.stimulator is None or scope == 'full':
-            compiled = torch.compile(model, backend=backend, mode=mode, **compile_kwargs)
-            self._stim_module().set_full_model(compiled)
-            self.eval_model = compiled
-            return compiled
-        compile_blocks(model, self.stimulator.layout, self.stimulator.size_sampler.sizes, backend=backend, mode=mode,
-                       **compile_kwargs)
-        self.eval_model = model
-        return model
+        if scope not in ('full', 'subnets'):
+            raise ValueError(f"compile scope must be 'full' or 'subnets', got {scope!r}")
+        subnets = self.stimulator is not None and scope == 'subnets'
+        if subnets:
+            self._raise_recompile_limit(self.subnet_graph_bound(), max_graphs)
+            # static graphs per size bucket: dynamo's automatic dynamic shapes would turn the first size change
+            # into a symbolic-size graph, whose conv kernels are slower (and re-specialised by inductor anyway)
+            compile_kwargs.setdefault('dynamic', False)
+        compiled = torch.compile(self.model, backend=backend, mode=mode, **compile_kwargs)
+        self._stim_module().set_compiled(compiled, subnets=subnets)
+        self.eval_model = compiled
+        return compiled
+
+    def subnet_graph_bound(self) -> int:
+        """Most graphs scope='subnets' can build: full net (training and eval) + subnets x subnet input sizes.
+
+        A training full pass and an evaluation pass differ in BN mode, hence 2; a subnet drawn at full depth
+        and full size is the full network with BN statistics frozen, hence counted among the subnets.
+        """
+        sampler = self.stimulator.sampler
+        num_subnets = math.prod(sampler.k_list) if sampler.k_list is not None else 2 ** sampler.layout.num_skippable
+        return 2 + num_subnets * len(self.stimulator.size_sampler.sizes)
+
+    @staticmethod
+    def _raise_recompile_limit(bound: int, max_graphs: int) -> None:
+        if bound > max_graphs:
+            raise ValueError(
+                f'compiling the subnet passes could build up to {bound} graphs (subnets x input sizes), more than '
+                f'{max_graphs}: use fixed subnet sizes (--stim-sizes, e.g. 3 buckets), a smaller space (st++), or '
+                f"--stim-compile full.")
+        config = torch._dynamo.config
+        name = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'
+        setattr(config, name, max(getattr(config, name), bound))
+        if hasattr(config, 'accumulated_recompile_limit'):
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, bound)
 
     def setup_ema(self, decay: float = 0.9999, use_warmup: bool = False, device: Optional[torch.device] = None,
                   **kwargs) -> nn.Module:

@@ -1,0 +1,67 @@
+"""Counted forward FLOPs of a model or one of its residual subnetworks.
+
+FLOPs are counted, not estimated: one forward of one image runs under ``torch.utils.flop_counter.FlopCounterMode``,
+which counts convolutions, matmuls and attention (element-wise ops are not counted). The model may live on the
+``meta`` device (no memory, no compute), as the benchmarks' copy does. Used by the loafing evaluation (relative
+FLOPs of every subnet) and benchmarks/step_cost.py (the FLOP-ideal step-cost ratio).
+"""
+from contextlib import nullcontext
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .blocks import BlockLayout, SubnetSpec, subnet
+
+__all__ = ['count_flops', 'count_relative_flops', 'forward_flops']
+
+_FLOP_CACHE: Dict[tuple, int] = {}
+
+
+@torch.no_grad()
+def forward_flops(
+        model: nn.Module,
+        input_size: Sequence[int],
+        layout: Optional[BlockLayout] = None,
+        spec: Optional[SubnetSpec] = None,
+) -> int:
+    """FLOPs of one forward on one image of ``input_size`` (C, H, W): of subnet ``spec`` if given, else of the model.
+
+    The model runs in eval mode (BatchNorm running statistics are not touched); its train/eval mode is restored.
+    """
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device('cpu')
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    was_training = model.training
+    try:
+        model.eval()
+        with subnet(model, layout, spec) if spec is not None else nullcontext(), \
+                FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, *input_size, device=device, dtype=dtype))
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def _flop_key(model: nn.Module, layout: BlockLayout, spec: SubnetSpec, input_size: Sequence[int]) -> tuple:
+    # FLOPs depend on the architecture and the input size, not on the weights: key on what defines them.
+    n_params = sum(p.numel() for p in model.parameters())
+    return (type(model).__qualname__, n_params, getattr(model, 'num_classes', None), layout.paths,
+            spec.keep, tuple(int(s) for s in input_size))
+
+
+def count_flops(model: nn.Module, layout: BlockLayout, spec: Optional[SubnetSpec], input_size: Sequence[int]) -> int:
+    """``forward_flops`` of subnet ``spec`` (the full network if None), cached per architecture, keep-mask and
+    input size."""
+    spec = spec or layout.full_spec()
+    key = _flop_key(model, layout, spec, input_size)
+    if key not in _FLOP_CACHE:
+        _FLOP_CACHE[key] = forward_flops(model, input_size, layout, spec)
+    return _FLOP_CACHE[key]
+
+
+def count_relative_flops(model: nn.Module, layout: BlockLayout, spec: SubnetSpec, input_size: Sequence[int]) -> float:
+    """FLOPs of subnet ``spec`` over the full network's, both counted on one image of ``input_size``."""
+    full = count_flops(model, layout, layout.full_spec(), input_size)
+    return count_flops(model, layout, spec, input_size) / full if full else float('nan')
