@@ -16,9 +16,11 @@ Read top to bottom: arguments -> set-up -> train_one_epoch / validate -> checkpo
 Exit codes: 0 done, 2 bad input (found before anything is written), 1 failure while training or pushing.
 """
 import argparse
+import csv
 import difflib
 import importlib
 import json
+import math
 import logging
 import os
 import random
@@ -46,9 +48,10 @@ from timm.utils import (AverageMeter, CheckpointSaver, NativeScaler, accuracy, d
                         get_outdir, init_distributed_device, random_seed, set_jit_fuser, update_summary)
 
 from timm_stim import StimulativeTask, Stimulator, create_stim_config, parse_space, recalibrate_bn, smaller_input_kwargs
-from timm_stim.checkpoint import DATA_CONFIG_KEYS, clean_state_dict, read_training_checkpoint
-from timm_stim.cli import one_line, report_error
-from timm_stim.data import DIGITS_INFO, DataConfigError, create_dataset_or_digits
+from timm_stim.checkpoint import (DATA_CONFIG_KEYS, clean_state_dict, first_non_finite, read_training_checkpoint,
+                                  sanitize_saver_state)
+from timm_stim.cli import UsageError, one_line, report_error
+from timm_stim.data import DIGITS_INFO, DataConfigError, FixedSubset, create_dataset_or_digits, is_digits
 from timm_stim.train_args import ArgsError, args_record, build_parser, check_args as check_flag_values
 from timm_stim.train_args import parse_args as parse_flags
 from timm_stim.hub import HubPushError
@@ -58,11 +61,11 @@ _logger = logging.getLogger('train_stim')
 DIGITS_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'hparams', 'digits_resnet18.yaml')
 CARD_ARGS = ('model', 'dataset', 'epochs', 'batch_size', 'opt', 'lr', 'sched', 'weight_decay')  # always on the card
 
-UsageError = ArgsError  # bad input found before any work: printed as `error: <message>`, exit code 2
+# UsageError (timm_stim.cli; ArgsError is one): bad input found before any work, `error: <message>`, exit code 2
 
 
 class TrainingDiverged(Exception):
-    """A non-finite training loss: printed as `error: <message>`, exit code 1."""
+    """A non-finite loss, metric or weight: printed as `error: <message>`, exit code 1; no checkpoint is written."""
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
@@ -71,7 +74,7 @@ class TrainingDiverged(Exception):
 
 def uses_digits(args) -> bool:
     """The built-in default data: no data dir and no dataset (or 'digits')."""
-    return args.dataset.lower() == 'digits' or (not args.dataset and not args.data_dir)
+    return is_digits(args.dataset, args.data_dir)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -168,23 +171,6 @@ def create_model(args, stim_config):
     return model
 
 
-class _Subset(torch.utils.data.Dataset):
-    """A fixed random subset of a map-style dataset that forwards `transform` (set by timm's create_loader)."""
-
-    def __init__(self, dataset, num_samples: int):
-        self.dataset = dataset
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
-        self.indices = sorted(order[:num_samples].tolist())
-
-    transform = property(lambda self: self.dataset.transform, lambda self, t: setattr(self.dataset, 'transform', t))
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.dataset[self.indices[i]]
-
-
 def create_datasets(args, data_config) -> list:
     """Train and validation (None when --val-split is '') datasets; a bad data dir / dataset raises
     DataConfigError before any work."""
@@ -198,10 +184,25 @@ def create_datasets(args, data_config) -> list:
                                    num_samples=args.val_num_samples, **kwargs) if args.val_split else None
     num = args.train_num_samples  # timm ignores it for map-style datasets; here it takes a fixed random subset
     if num and not isinstance(train, torch.utils.data.IterableDataset) and num < len(train):
-        train = _Subset(train, num)
+        train = FixedSubset(train, num, seed=0)
+    for name, dataset in (('training', train), ('validation', val)):
+        check_first_image(dataset, name, args)
     if args.aug_splits > 1:  # AugMix: several augmented views of each image (plain training only)
         train = AugMixDataset(train, num_splits=args.aug_splits)
     return train, val
+
+
+def check_first_image(dataset, name: str, args) -> None:
+    """Decode the first image of an image folder (no transform is set yet, so no random number is drawn): a folder
+    of files with image names that do not decode is bad input, found before anything is written."""
+    if dataset is None or not args.data_dir or args.dataset or isinstance(dataset, torch.utils.data.IterableDataset) \
+            or len(dataset) == 0:
+        return
+    try:
+        dataset[0]
+    except Exception as e:
+        raise UsageError(f'cannot read the first {name} image in {args.data_dir} ({type(e).__name__}: '
+                         f'{one_line(e)[:200]}); check that --data-dir holds decodable images') from None
 
 
 def create_loaders(args, data_config, datasets, device, mixup_active: bool, model_dtype=None):
@@ -429,12 +430,33 @@ def validate(model, loader, args, amp_autocast=nullcontext, model_dtype=None) ->
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """timm's CheckpointSaver with every file it publishes appearing atomically.
+    """timm's CheckpointSaver with every file it publishes appearing atomically, never a non-finite model, and a
+    restored history that cannot name a file outside the run folder.
 
     timm writes tmp.pth.tar and os.replace()s it onto last.pth.tar, but first unlinks last.pth.tar (a moment with
     no last checkpoint), never fsyncs, and makes model_best / checkpoint-N by unlink + hardlink. Here the new file
     is fsynced and each target is swapped in by one os.replace: a crash leaves the old or the new complete file.
+    Before anything is written the weights (and EMA) are checked finite; a diverged model raises TrainingDiverged
+    and leaves every file as it was.
     """
+
+    def _save(self, save_path, epoch, metric=None):
+        if metric is not None and not math.isfinite(metric):
+            raise TrainingDiverged(f'non-finite checkpoint metric ({metric}) in epoch {epoch}; {_KEPT}')
+        if self.task is not None:
+            self.task.check_finite(epoch)
+        super()._save(save_path, epoch, metric)
+
+    def load_state_dict(self, state_dict):
+        """Restore the history of a checkpoint from this folder, keeping only what its files confirm."""
+        state, dropped = sanitize_saver_state(state_dict, self.checkpoint_dir, self.save_prefix, self.extension,
+                                              self.decreasing)
+        for item in dropped:
+            _logger.warning(f'Resume: ignored the checkpoint\'s {item}')
+        self.checkpoint_files, self.best_metric, self.best_epoch = (
+            state['checkpoint_files'], state['best_metric'], state['best_epoch'])
+        _logger.info(f'Restored checkpoint history ({len(self.checkpoint_files)} files), best metric '
+                     f'{self.best_metric} (epoch {self.best_epoch})')
 
     def _replace(self, src, dst):
         with open(src, 'rb') as f:
@@ -458,11 +480,57 @@ class CheckpointContents:
     def __init__(self, task):
         self.task, self.train_state = task, {}
 
+    def check_finite(self, epoch: int) -> None:
+        """Raise TrainingDiverged when a weight or buffer of the model or its EMA is NaN or infinite."""
+        nets = [('model', self.task.model)] + ([('EMA', self.task.get_eval_model(ema=True))]
+                                                if self.task.has_ema() else [])
+        for what, net in nets:
+            bad = first_non_finite(net.state_dict())
+            if bad is not None:
+                raise TrainingDiverged(f'non-finite {what} weights ({bad}) after epoch {epoch}; {_KEPT}')
+
     def get_checkpoint_state(self, ema=False, **kwargs):
         state = self.task.get_checkpoint_state(ema=ema, **kwargs)
         if not ema:
             state['train_state'] = self.train_state
         return state
+
+
+_KEPT = ('training stopped and nothing was saved: the last good checkpoint is kept (last.pth.tar in the output folder, '
+         'once an epoch has finished); lower --lr or use --clip-grad')
+
+
+def check_finite_metrics(epoch: int, metrics: dict, what: str) -> None:
+    """Stop (exit 1) on a NaN / infinite loss or accuracy: the epoch is neither summarised nor checkpointed."""
+    bad = {k: v for k, v in metrics.items() if k in ('loss', 'top1', 'top5') and not math.isfinite(v)}
+    if bad:
+        raise TrainingDiverged(f'non-finite {what} {", ".join(f"{k} ({v})" for k, v in bad.items())} in epoch '
+                               f'{epoch}; {_KEPT}')
+
+
+def write_summary_row(filename: str, epoch: int, train_metrics: dict, eval_metrics: dict, lr: float,
+                      log_wandb: bool = False) -> None:
+    """Append the epoch's summary.csv row (timm's format), durably, before the epoch's checkpoint is published.
+
+    Rows of this epoch or later (left by a run killed after its row and before its checkpoint, then resumed) are
+    dropped first, atomically, so a resumed run neither loses nor repeats a row.
+    """
+    if os.path.exists(filename):
+        with open(filename, newline='') as f:
+            reader = csv.reader(f)
+            header, rows = next(reader, None), list(reader)
+        keep = [r for r in rows if r and r[0].lstrip('-').isdigit() and int(r[0]) < epoch]
+        if header and len(keep) != len(rows):
+            tmp = filename + '.tmp'
+            with open(tmp, 'w', newline='') as f:
+                csv.writer(f).writerows([header] + keep)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, filename)
+    update_summary(epoch, train_metrics, eval_metrics, filename=filename, lr=lr,
+                   write_header=not os.path.exists(filename) or os.path.getsize(filename) == 0, log_wandb=log_wandb)
+    with open(filename, 'rb+') as f:
+        os.fsync(f.fileno())
 
 
 def read_checkpoint(path: str) -> dict:
@@ -542,6 +610,9 @@ def main(argv=None) -> int:
         return report_error(e, 2)
     except (TrainingDiverged, HubPushError) as e:
         return report_error(e, 1)
+    except (RuntimeError, OSError, ValueError) as e:  # e.g. out of memory, a full disk, an unreadable image
+        return report_error(RuntimeError(f'{type(e).__name__} while training: {one_line(e)[:400]}; the last '
+                                         f'checkpoint in the output folder is intact (resume with --resume)'), 1)
 
 
 def train(args) -> int:
@@ -704,6 +775,7 @@ def train(args) -> int:
                 if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
                     distribute_bn(net, args.world_size, args.dist_bn == 'reduce')
                 eval_metrics = validate(net, loader_eval, args, amp_autocast, model_dtype)
+                check_finite_metrics(epoch, eval_metrics, f'{name} validation')
                 _logger.info(f"Eval{' (EMA)' if name == 'EMA' else ''}: {epoch}  Loss: {eval_metrics['loss']:.4f}  "
                              f"Acc@1: {eval_metrics['top1']:.2f}  Acc@5: {eval_metrics['top5']:.2f}")
         elif args.distributed and args.dist_bn in ('broadcast', 'reduce'):
@@ -711,12 +783,11 @@ def train(args) -> int:
         latest_metric = (eval_metrics or train_metrics)[eval_metric]
 
         contents.train_state = dict(rng=rng_states(args), loader_epoch=epoch + 1)
-        if saver is not None:
-            summary = os.path.join(output_dir, 'summary.csv')
+        if saver is not None:  # weights checked first; the summary row is durable before the checkpoint appears
+            contents.check_finite(epoch)
             lrs = [group['lr'] for group in optimizer.param_groups]
-            update_summary(epoch, train_metrics, eval_metrics or {}, filename=summary, lr=sum(lrs) / len(lrs),
-                           write_header=not os.path.exists(summary) or os.path.getsize(summary) == 0,
-                           log_wandb=args.log_wandb)
+            write_summary_row(os.path.join(output_dir, 'summary.csv'), epoch, train_metrics, eval_metrics or {},
+                              lr=sum(lrs) / len(lrs), log_wandb=args.log_wandb)
             best_metric, best_epoch = saver.save_checkpoint(epoch, metric=latest_metric)
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, latest_metric)
@@ -734,13 +805,27 @@ def train(args) -> int:
         print(f'--result\n{json.dumps(ranked[-10:], indent=4)}')
     if args.distributed:
         torch.distributed.destroy_process_group()
-    if args.rank == 0 and (args.push_to_hub or args.loafing_eval):
+    if args.rank == 0 and (args.push_to_hub or args.loafing_eval or args.export_subnets):
         model, source = final_weights(args, task, output_dir, best_metric, best_epoch)
         card_sections = run_loafing_eval(args, model, source, output_dir, data_config, device) \
             if args.loafing_eval else []
+        if args.export_subnets:
+            run_subnet_export(args, model, output_dir, data_config, device)
         if args.push_to_hub:
             push_to_hub(args, task, model, source, output_dir, data_config, eval_metrics, best_metric, card_sections)
     return 0
+
+
+def run_subnet_export(args, model, output_dir, data_config, device) -> None:
+    """--export-subnets SPEC: the trained model's subnets as smaller plain timm models in <output>/subnets."""
+    from timm_stim.export import export_after_training
+    rows = export_after_training(model, args.export_subnets, os.path.join(output_dir, 'subnets'), args_record(args),
+                                 data_config, device, label=os.path.basename(output_dir))
+    for row in rows:
+        top1 = row.get('top1')
+        _logger.info(f"Subnet {row['name']}: {row['params']} params, top-1 "
+                     f"{'-' if top1 is None else f'{top1:.2f}'}, {row['latency_b1_ms']:.2f} ms at batch 1 (CPU)"
+                     f" -> {row['folder'] or '(measured only)'}")
 
 
 def run_loafing_eval(args, model, source, output_dir, data_config, device) -> list:

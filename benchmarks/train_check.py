@@ -10,7 +10,8 @@ smooth colour fields, a few classes, so that timm's ImageFolder reader, decoding
 ImageNet. `check` reads what the run left and writes one JSON: the exit code; every loss column of summary.csv
 finite; the number of dynamo recompiles in the log (TORCH_LOGS=recompiles prints one 'Recompiling function'
 block each), against --max-recompiles; model_best.pth.tar (and its EMA weights) loaded with torch.load
-(weights_only) into a plain `timm.create_model` with strict load_state_dict; and the img/s train_stim.py logs
+(weights_only; argparse.Namespace, which timm's CheckpointSaver stores
+the args as, allow-listed when needed) into a plain `timm.create_model` with strict load_state_dict; and the img/s train_stim.py logs
 (median of its log lines after the first epoch, which compiles) against the step benchmark's img/s for the same
 model, batch and settings (step_cost.py --script-loop-config JSON: 'minimal_img_s'), with the ratio.
 Exit code of `check`: 0 when every check passes, 1 otherwise.
@@ -18,10 +19,12 @@ Exit code of `check`: 0 when every check passes, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import json
 import math
 import os
+import pickle
 import re
 import statistics
 import sys
@@ -32,6 +35,8 @@ import numpy as np
 
 TRAIN_LINE = re.compile(r'Train: (\d+) \[\s*(\d+)/(\d+).*?([\d.]+) img/s')
 RECOMPILE = re.compile(r'Recompiling function (\S+)')
+# the first guard that failed, on the line after 'triggered by the following guard failure(s):'
+GUARD_FAILURE = re.compile(r'guard failure\(s\):\n[^\n]*?- \d+/\d+: ([^\n]*)')
 
 
 def _write_images(job) -> int:
@@ -71,8 +76,9 @@ def check_summary(path: str) -> Dict[str, Any]:
 
 def count_recompiles(log_text: str, limit: int) -> Dict[str, Any]:
     functions = RECOMPILE.findall(log_text)
+    reasons = collections.Counter(m.strip()[:120] for m in GUARD_FAILURE.findall(log_text))
     return {'ok': len(functions) <= limit, 'recompiles': len(functions), 'limit': limit,
-            'functions': sorted(set(functions)),
+            'functions': sorted(set(functions)), 'first_guard_failures': dict(reasons.most_common(10)),
             'limit_hits': log_text.count('recompile_limit') + log_text.count('cache_size_limit')}
 
 
@@ -82,8 +88,13 @@ def check_checkpoint(path: str, model_name: str, num_classes: int) -> Dict[str, 
     import torch
     if not os.path.exists(path):
         return {'ok': False, 'problem': f'{path} missing'}
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    out: Dict[str, Any] = {'ok': True, 'path': path, 'keys': sorted(k for k in ckpt if isinstance(k, str))}
+    try:
+        ckpt, plain_safe_load = torch.load(path, map_location='cpu', weights_only=True), True
+    except pickle.UnpicklingError:  # timm's CheckpointSaver stores args as an argparse.Namespace: allow that only
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt, plain_safe_load = torch.load(path, map_location='cpu', weights_only=True), False
+    out: Dict[str, Any] = {'ok': True, 'path': path, 'keys': sorted(k for k in ckpt if isinstance(k, str)),
+                           'weights_only_without_allowlist': plain_safe_load}
     for key in ('state_dict', 'state_dict_ema'):
         if key not in ckpt:
             continue

@@ -178,6 +178,9 @@ def test_per_rank(r50):
 
 def test_flat_vit_pseudo_stages(vit12):
     assert vit12.stage_sizes == (12,)
+    one = SubnetSampler(vit12, 'st')  # unstaged: one stage, st = uniform depth 1..12
+    assert one.layout.stage_sizes == (12,) and len(one.support()) == 12
+    vit12 = split_flat_layout(vit12)
     st = SubnetSampler(vit12, 'st')
     assert st.layout.stage_sizes == (3, 3, 3, 3)
     assert [b.path for b in st.layout.blocks] == [f'blocks.{i}' for i in range(12)]
@@ -196,9 +199,6 @@ def test_flat_vit_pseudo_stages(vit12):
     assert SubnetSampler(vit12, '1,3,3,1').k_list == (1, 3, 3, 1)
     with pytest.raises(ValueError, match='4 stages'):
         SubnetSampler(vit12, '1,2,2')
-    # pseudo_stages=1 leaves the model as one stage: st = uniform depth 1..12
-    one = SubnetSampler(vit12, 'st', pseudo_stages=1)
-    assert one.layout.stage_sizes == (12,) and len(one.support()) == 12
 
 
 def test_flat_pseudo_stages_keep_class_attention_stage():
@@ -218,7 +218,7 @@ def test_st_on_shallow_flat_model_drops_blocks():
     model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=4, num_classes=10)
     layout = find_residual_blocks(model)
     assert layout.skippable_sizes == (4,)
-    s = SubnetSampler(layout, 'st')
+    s = SubnetSampler(split_flat_layout(layout), 'st')
     assert len(s.support()) > 1
     assert any(spec.num_skipped > 0 for spec in (s.sample() for _ in range(50)))
 

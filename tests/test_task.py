@@ -282,6 +282,27 @@ def test_memory_lean_same_gradients(multiplier):
         assert torch.equal(b0[k], b1[k]), k
 
 
+def test_memory_lean_uses_the_loss_scaler_handed_over_once():
+    """AMP: the loop scales its loss with a GradScaler; memory-lean subnet passes (backward inside forward) must
+    scale theirs by the same factor, read on the device from the scaler given once with set_loss_scaler (never
+    as a Python number per step: that is a host-device sync on GPU). Gradients match the default path's."""
+    x, y = _batch(4)
+    grads = []
+    for lean in (False, True):
+        model = _resnet18()
+        task = _task(model, num_subnets=2, weight=0.5, space='st', memory_lean=lean, seed=3)
+        scaler = torch.amp.GradScaler('cpu', init_scale=8.0)
+        task.train()
+        task.set_loss_scaler(scaler)
+        task.set_grad_multiplier(0.5)  # two accumulation steps
+        out = task(x, y)
+        scaler.scale(out['loss'] * 0.5).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert any(g.abs().sum() > 0 for g in grads[1].values())
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 @pytest.mark.parametrize('bn,lean', [('update', False), ('freeze', False), ('freeze', True)])
 def test_grad_checkpointing_step_matches(bn, lean):
     """A step with model.set_grad_checkpointing(True) must give the gradients of the step without it.

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import math
+import os
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -36,8 +38,9 @@ from .cli import one_line
 __all__ = [
     'CHECKPOINT_NAMES', 'CONFIG_NAME', 'DATA_CONFIG_KEYS', 'WEIGHTS_NAME', 'ModelSource', 'check_model_name',
     'clean_state_dict', 'create_model_from_source', 'data_config_from_args', 'find_run_checkpoint',
-    'is_export_folder', 'load_checkpoint_into', 'load_state_dict_strict', 'model_kwargs_from_args',
-    'read_checkpoint', 'read_run_args', 'read_training_checkpoint', 'resolve_model_source', 'select_state_dict',
+    'first_non_finite', 'is_export_folder', 'load_checkpoint_into', 'load_state_dict_strict',
+    'model_kwargs_from_args', 'read_checkpoint', 'read_checkpoint_metadata', 'read_run_args',
+    'read_training_checkpoint', 'resolve_model_source', 'sanitize_saver_state', 'select_state_dict',
 ]
 
 WEIGHTS_NAME = 'model.safetensors'
@@ -101,6 +104,17 @@ def read_checkpoint(path: Union[str, Path]) -> Any:
         raise ValueError(f'cannot read checkpoint {path}: truncated or corrupt ({one_line(e)[:160]})') from None
 
 
+def read_checkpoint_metadata(path: Union[str, Path]) -> Optional[Dict[str, Any]]:
+    """A checkpoint's entries with its tensors memory-mapped (cheap for big files); None when it cannot be read."""
+    safe_globals = getattr(torch.serialization, 'safe_globals', None)
+    try:
+        with safe_globals([argparse.Namespace]) if safe_globals else contextlib.nullcontext():
+            contents = torch.load(str(path), map_location='cpu', weights_only=True, mmap=True)
+    except Exception:
+        return None
+    return contents if isinstance(contents, dict) else None
+
+
 def read_training_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     """A timm / train_stim.py training checkpoint (a dict with 'state_dict'), e.g. for --resume."""
     checkpoint = read_checkpoint(path)
@@ -127,6 +141,27 @@ def select_state_dict(
     raise ValueError(
         f'checkpoint {path} has no model weights: expected a state dict or a dict with '
         f"'state_dict' / 'model' (found keys: {', '.join(map(str, list(checkpoint)[:8]))})")
+
+
+def first_non_finite(tensors: Dict[str, Any]) -> Optional[str]:
+    """Name of the first floating-point tensor holding a NaN or an infinity, None when all are finite.
+
+    One max-abs (`torch._foreach_norm(ord=inf)`, NaN-propagating, no overflow) per device and dtype, then one host
+    sync per group: cheap enough to run before every checkpoint, never per training step.
+    """
+    groups: Dict[Tuple[Any, Any], List[Tuple[str, torch.Tensor]]] = {}
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()) and value.numel():
+            groups.setdefault((value.device, value.dtype), []).append((name, value.detach()))
+    for group in groups.values():
+        try:
+            peaks = torch.stack(torch._foreach_norm([t for _, t in group], ord=math.inf))
+        except (RuntimeError, TypeError, AttributeError):  # a dtype or device without the fused kernel
+            peaks = torch.stack([t.abs().max() for _, t in group])
+        finite = torch.isfinite(peaks)
+        if not bool(finite.all()):
+            return group[int((~finite).nonzero()[0])][0]
+    return None
 
 
 def clean_state_dict(state_dict: Dict[str, Any]) -> Dict[str, Any]:
@@ -169,6 +204,65 @@ def load_checkpoint_into(model: nn.Module, checkpoint_path: Union[str, Path], us
 
 
 # ------------------------------------------------------------------------------------------------------ run folders
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def sanitize_saver_state(
+        state: Any,
+        checkpoint_dir: Union[str, Path],
+        prefix: str = 'checkpoint',
+        extension: str = '.pth.tar',
+        decreasing: bool = False,
+) -> Tuple[Dict[str, Any], List[str]]:
+    """timm CheckpointSaver bookkeeping (`checkpoint['saver']`) made safe to restore into `checkpoint_dir`.
+
+    A checkpoint is untrusted: its history names files the saver later deletes, and its best metric decides whether
+    model_best is written. Kept are only history entries that are plain `<prefix>-<epoch><extension>` names of
+    regular files in `checkpoint_dir`, each with the metric stored in that file itself (the claimed one must match
+    and be finite or None); the best metric and epoch are those stored in the folder's model_best file. Returns
+    ({checkpoint_files: [(path, metric)], best_metric, best_epoch}, one warning per dropped item).
+    """
+    folder = Path(checkpoint_dir)
+    pattern = re.compile(rf'^{re.escape(prefix)}-(\d{{1,9}}){re.escape(extension)}$')
+    dropped: List[str] = []
+    state = state if isinstance(state, dict) else {}
+    claimed = state.get('checkpoint_files')
+    entries = list(claimed) if isinstance(claimed, (list, tuple)) else []
+    if claimed is not None and not isinstance(claimed, (list, tuple)):
+        dropped.append(f'checkpoint history {type(claimed).__name__} (not a list)')
+    pending = state.get('pending')
+    if isinstance(pending, (list, tuple)) and len(pending) == 2 and isinstance(pending[0], int) \
+            and not isinstance(pending[0], bool) and 0 <= pending[0] < 10 ** 9:
+        entries.append((f'{prefix}-{pending[0]}{extension}', pending[1]))  # the checkpoint the state came with
+    elif pending not in (None, (None, None), [None, None]):
+        dropped.append(f'pending entry {pending!r:.80}')
+    kept: List[Tuple[str, Optional[float]]] = []
+    for entry in entries:
+        name, metric = entry if isinstance(entry, (list, tuple)) and len(entry) == 2 else (entry, None)
+        match = pattern.match(name) if isinstance(name, str) else None
+        path = folder / name if match else None
+        if path is None or path.is_symlink() or not path.is_file():
+            dropped.append(f'history entry {name!r:.80} (not a {prefix}-N{extension} file in {folder})')
+            continue
+        stored = (read_checkpoint_metadata(path) or {}).get('metric')
+        if not (metric is None or _finite_number(metric)) or metric != stored:
+            dropped.append(f'history entry {name} (metric {metric!r:.40} is not the finite metric stored in it)')
+            continue
+        if str(path) not in [p for p, _ in kept]:
+            kept.append((str(path), metric))
+    ranked = sorted([k for k in kept if k[1] is not None], key=lambda k: k[1], reverse=not decreasing)
+    best = read_checkpoint_metadata(folder / f'model_best{extension}') or {}
+    best_metric, best_epoch = best.get('metric'), best.get('epoch')
+    if not _finite_number(best_metric) or not isinstance(best_epoch, int):
+        best_metric, best_epoch = None, None
+    if state.get('best_metric') != best_metric:
+        dropped.append(f"best metric {state.get('best_metric')!r:.40} (model_best holds {best_metric})")
+    return dict(checkpoint_files=ranked + [k for k in kept if k[1] is None], best_metric=best_metric,
+                best_epoch=best_epoch), dropped
+
 
 
 def read_run_args(run_dir: Union[str, Path]) -> Dict[str, Any]:

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from typing import Any, Dict, Optional, Sequence
 
 from timm.utils import ParseKwargs
 
-__all__ = ['OneLineArgumentParser', 'UsageError', 'add_eval_data_args', 'add_model_source_args',
+__all__ = ['OneLineArgumentParser', 'UsageError', 'add_eval_data_args', 'add_model_source_args', 'check_cli_args',
+           'check_output_folder',
            'data_config_overrides', 'eval_data_args', 'one_line', 'parse_model_kwargs', 'report_error']
 
 
@@ -75,6 +78,42 @@ def add_eval_data_args(parser: argparse.ArgumentParser, batch_size: int = 128, w
     group.add_argument('-j', '--workers', type=int, default=workers)
     group.add_argument('--val-num-samples', type=int, default=None,
                        help='evaluate on a fixed random subset of this many validation images')
+
+
+def check_cli_args(args: argparse.Namespace, positive: Sequence[str] = (), non_negative: Sequence[str] = ()) -> None:
+    """Ranges of the shared model-source / evaluation-data flags (those present on `args`) plus the given counts;
+    raises UsageError naming the first bad flag. Runs before any model or file is touched."""
+    def flag(dest: str) -> str:
+        return '--' + dest.replace('_', '-')
+    checks = [(d, lambda v: v >= 1, 'must be >= 1') for d in ('num_classes', 'batch_size', 'val_num_samples',
+                                                                  *positive)]
+    checks += [(d, lambda v: v >= 0, 'must be >= 0') for d in ('workers', *non_negative)]
+    checks += [('img_size', lambda v: v >= 8, 'must be >= 8'),
+               ('input_size', lambda v: 1 <= v[0] <= 4 and min(v[1:]) >= 8, 'must be C H W with H, W >= 8'),
+               ('crop_pct', lambda v: 0 < v <= 1, 'must be in (0, 1]'),
+               ('mean', lambda v: len(v) in (1, 3), 'needs 1 or 3 values'),
+               ('std', lambda v: len(v) in (1, 3) and min(v) > 0, 'needs 1 or 3 values > 0')]
+    for dest, ok, need in checks:
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise UsageError(f'{flag(dest)} must be a finite number (got {value})')
+        if not ok(value):
+            raise UsageError(f'{flag(dest)} {need} (got {value})')
+
+
+def check_output_folder(folder: str, flag: str = '--output') -> None:
+    """`folder` is, or can be created as, a writable folder: its nearest existing ancestor is a writable folder.
+    Raises UsageError otherwise; creates nothing."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise UsageError(f'{flag} {folder}: {path} is a file, not a folder; choose another {flag}')
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f'{flag} {folder}: cannot write to {path}; choose a writable {flag}')
 
 
 def eval_data_args(args: argparse.Namespace, run_args: Dict[str, Any]) -> Dict[str, Any]:

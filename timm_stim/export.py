@@ -33,8 +33,8 @@ import torch.nn as nn
 from .blocks import BlockLayout, SubnetSpec, find_residual_blocks, resolve_spec
 from .bn import recalibrate_bn
 from .checkpoint import DATA_CONFIG_KEYS, ModelSource, create_model_from_source, resolve_model_source
-from .cli import (add_eval_data_args, add_model_source_args, data_config_overrides, eval_data_args,
-                  parse_model_kwargs, report_error)
+from .cli import (OneLineArgumentParser, UsageError, add_eval_data_args, add_model_source_args, check_cli_args,
+                  check_output_folder, data_config_overrides, eval_data_args, parse_model_kwargs, report_error)
 from .data import create_eval_loader, is_digits, resolve_eval_data_config
 from .model_folder import check_export_target, export_timm_model
 from .hub import HubPushError, check_can_push, check_repo_id, push_folder_to_hub
@@ -173,7 +173,7 @@ def _write_rows(rows: Sequence[Dict[str, Any]], out: Path) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog='python -m timm_stim.export',
         description='Export subnetworks of a trained model as smaller plain timm models (measured, with model cards), '
                     'and optionally push them to the Hugging Face Hub, one repo per depth.')
@@ -230,8 +230,8 @@ def _prepare(args: argparse.Namespace) -> _Plan:
     """Check the command line, load the model and resolve the subnets; any ValueError/OSError here is bad input."""
     if not (args.depths or args.keep or args.pareto):
         raise ValueError('no subnet requested: give --depths D1,D2,.., --keep MASK or --pareto N')
-    if args.pareto < 0 or args.bn_recal < 0 or args.latency_repeats < 1:
-        raise ValueError('--pareto and --bn-recal must be >= 0 and --latency-repeats >= 1')
+    check_cli_args(args, positive=('latency_repeats', 'pseudo_stages'), non_negative=('pareto', 'bn_recal'))
+    check_output_folder(args.output)
     if args.push_to_hub:
         if not args.hub_repo_id:
             raise ValueError('--push-to-hub needs --hub-repo-id owner/name (each subnet goes to owner/name-d<depths>)')
@@ -365,12 +365,12 @@ def export_after_training(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _build_parser().parse_args(argv)
+    """Exit codes: 0 done, 2 bad input or a push that cannot work (found before any file is written), 1 a failure
+    while exporting or pushing."""
     try:
+        args = _build_parser().parse_args(argv)
         plan = _prepare(args)
-    except HubPushError as e:
-        return report_error(e, 1)  # as python -m timm_stim.hub push: offline or no token
-    except (ValueError, OSError, UnsupportedFamilyError) as e:
+    except (UsageError, HubPushError, ValueError, OSError, UnsupportedFamilyError) as e:
         return report_error(e, 2)
     try:
         rows = run(args, plan)

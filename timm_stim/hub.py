@@ -30,7 +30,7 @@ from .card import create_model_card, read_run_metrics, split_recipe
 from .checkpoint import (
     ModelSource, create_model_from_source, data_config_from_args, is_export_folder, resolve_model_source,
 )
-from .cli import parse_model_kwargs, report_error
+from .cli import OneLineArgumentParser, UsageError, check_cli_args, parse_model_kwargs, report_error
 from .model_folder import EXPORT_FILES, check_export_target, export_timm_model
 
 _logger = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def push_folder_to_hub(
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog='python -m timm_stim.hub', description='Export and push timm_stim models to the Hugging Face Hub.')
     sub = parser.add_subparsers(dest='command', required=True)
     push = sub.add_parser(
@@ -236,10 +236,12 @@ def _export_source(args: argparse.Namespace, resolved: ModelSource, output: Path
                              data_config=data_config_from_args(resolved.train_args) or None)
 
 
-def run_push(args: argparse.Namespace) -> str:
-    """The ``push`` command: validate everything, export the checkpoint if needed, push; returns the repo URL."""
-    # arguments first, then whether a push can work at all, and only then any (slow) work
+def prepare_push(args: argparse.Namespace):
+    """Every check of the ``push`` command, before any work or file write: the arguments, the model source (a run
+    folder alone is enough), the export folder, whether a push can work at all. Returns (resolved source or None
+    for an export folder pushed as is, export folder)."""
     check_repo_id(args.hub_repo_id)
+    check_cli_args(args)
     source = Path(args.source)
     model_kwargs = parse_model_kwargs(args.model_kwargs)
     resolved = output = None
@@ -255,7 +257,14 @@ def run_push(args: argparse.Namespace) -> str:
         output = Path(args.output) if args.output else resolved.checkpoint.parent / 'hf_export'
         check_export_target(output)
     check_can_push()
+    return resolved, output
 
+
+def run_push(args: argparse.Namespace, prepared=None) -> str:
+    """The ``push`` command: check everything (`prepare_push`), export the checkpoint if needed, push; returns the
+    repo URL."""
+    resolved, output = prepared or prepare_push(args)
+    source = Path(args.source)
     folder = source
     if resolved is not None:
         folder = _export_source(args, resolved, output)
@@ -266,10 +275,15 @@ def run_push(args: argparse.Namespace) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _build_parser().parse_args(argv)
+    """Exit codes: 0 pushed, 2 bad input or a push that cannot work (nothing written), 1 a failure while working."""
     try:
-        url = run_push(args)
-    except (HubPushError, ValueError, OSError) as e:
+        args = _build_parser().parse_args(argv)
+        prepared = prepare_push(args)
+    except (UsageError, HubPushError, ValueError, OSError) as e:
+        return report_error(e, 2)
+    try:
+        url = run_push(args, prepared)
+    except (HubPushError, ValueError, OSError, RuntimeError) as e:
         return report_error(e, 1)
     print(url)
     return 0

@@ -41,12 +41,12 @@ import torch.nn as nn
 from .blocks import BlockLayout, SubnetSpec, find_residual_blocks, subnet
 from .bn import recalibrate_bn
 from .checkpoint import create_model_from_source, resolve_model_source
-from .cli import (add_eval_data_args, add_model_source_args, data_config_overrides, eval_data_args,
-                  parse_model_kwargs, report_error)
+from .cli import (OneLineArgumentParser, UsageError, add_eval_data_args, add_model_source_args, check_cli_args,
+                  check_output_folder, data_config_overrides, eval_data_args, parse_model_kwargs, report_error)
 from .data import create_eval_loader, is_digits, resolve_eval_data_config
 from .flops import count_flops, count_relative_flops
 from .loafing_report import format_summary, summarize, write_results
-from .sampler import SubnetSampler
+from .sampler import SubnetSampler, split_flat_layout
 
 __all__ = ['evaluate_subnets', 'loafing_eval', 'main', 'make_subnet_specs']
 
@@ -102,8 +102,8 @@ def make_subnet_specs(
     Returns:
         The (pseudo-)staged layout that depth vectors are expressed in, and the list of specs.
     """
-    sampler = SubnetSampler(layout, space, seed=seed, pseudo_stages=pseudo_stages)
-    staged = sampler.layout
+    staged = split_flat_layout(layout, pseudo_stages)
+    sampler = SubnetSampler(staged, space, seed=seed)
     full = staged.full_spec()
     if depths:
         specs = [staged.spec_from_depths(parse_depths(d)) for d in depths]
@@ -304,7 +304,7 @@ def loafing_eval(
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog='python -m timm_stim.loafing',
         description='Measure network loafing: accuracy of the residual subnetworks of trained models, '
                     'with relative depth and counted relative FLOPs.')
@@ -435,11 +435,28 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return dict(results=results, summary=summary, files=files)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The command line's values and the output folder, before any model is loaded (UsageError: exit 2)."""
+    check_cli_args(args, positive=('pseudo_stages',), non_negative=('bn_recal',))
+    parse_model_kwargs(args.model_kwargs)
+    for text in args.depths or []:
+        parse_depths(text)
+    subnets = args.subnets.split(':', 1)
+    if subnets[0] not in ('all', 'random') or (subnets[0] == 'random' and not (
+            len(subnets) == 2 and subnets[1].isdigit() and int(subnets[1]) >= 1)):
+        raise UsageError(f"--subnets must be 'all' or 'random:N' with N >= 1 (got {args.subnets!r})")
+    check_output_folder(args.output)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _build_parser().parse_args(argv)
+    """Exit codes: 0 done, 2 bad input (nothing written: files are written at the end only), 1 a failure."""
     try:
-        out = run(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
+        args = _build_parser().parse_args(argv)
+        check_args(args)
+        out = run(args)  # loads and checks every model and the data first; writes files only at the end
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        return report_error(e, 2)
+    except (OSError, RuntimeError) as e:
         return report_error(e, 1)
     print(format_summary(out['summary']))
     print('\nwrote ' + ', '.join(str(p) for p in out['files'].values()))

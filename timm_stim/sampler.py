@@ -114,12 +114,12 @@ class SubnetSampler:
     """Seeded, resumable sampler of residual subnetworks under an ST / ST++ / K-list / Bernoulli rule.
 
     Args:
-        layout: residual-block layout of the model (`find_residual_blocks`).
+        layout: residual-block layout the rules apply to: `find_residual_blocks`'s, with a flat model's blocks
+            already grouped into pseudo-stages (`split_flat_layout`, which `Stimulator` applies).
         space: 'st', 'st++', 'bernoulli[:p]' or a K-list.
         seed: base seed of the sampler's own generator (independent of the global RNG).
         rank: process rank; only used when `per_rank` is True.
         per_rank: sample independent subnets on every rank (default: the same subnets on all ranks).
-        pseudo_stages: groups a flat model's blocks are split into (see module docstring).
     """
 
     def __init__(
@@ -129,9 +129,8 @@ class SubnetSampler:
             seed: int = 0,
             rank: int = 0,
             per_rank: bool = False,
-            pseudo_stages: int = 4,
     ):
-        self.layout = split_flat_layout(layout, pseudo_stages)
+        self.layout = layout
         self.space = space
         parsed = parse_space(space)
         self.drop_prob = parsed[1] if isinstance(parsed, tuple) and parsed and parsed[0] == 'bernoulli' else None

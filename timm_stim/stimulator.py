@@ -21,7 +21,7 @@ import torch.nn as nn
 from .blocks import BlockLayout, SubnetSpec, default_input_size, find_residual_blocks, subnet
 from .bn import frozen_bn_stats
 from .losses import StimLoss
-from .sampler import SubnetSampler
+from .sampler import SubnetSampler, split_flat_layout
 from .sizes import (
     SizeSampler, SmallerInputsError, check_smaller_inputs, describe_kept_sizes, resize_batch, size_multiple,
 )
@@ -105,9 +105,8 @@ class Stimulator:
             input_size = None if full_size is None else (
                 default_input_size(model)[0], int(full_size), int(full_size))
             layout = find_residual_blocks(model, blocks=blocks, input_size=input_size)
-        self.sampler = SubnetSampler(layout, config.space, seed=config.seed, rank=rank,
-                                     per_rank=config.per_rank, pseudo_stages=config.pseudo_stages)
-        self.layout = self.sampler.layout
+        self.layout = split_flat_layout(layout, config.pseudo_stages)  # the stages the ST/ST++ rules see
+        self.sampler = SubnetSampler(self.layout, config.space, seed=config.seed, rank=rank, per_rank=config.per_rank)
         self.full_size = int(full_size or default_input_size(model)[1])
         size_seed = config.seed + 1 + (7919 * rank if config.per_rank else 0)
         multiple = size_multiple(model)

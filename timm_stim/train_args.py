@@ -19,7 +19,7 @@ import torch
 import yaml
 from timm.utils import ParseKwargs
 
-from .cli import OneLineArgumentParser, UsageError
+from .cli import OneLineArgumentParser, UsageError, check_output_folder
 
 __all__ = ['ArgsError', 'build_parser', 'load_config', 'parse_args', 'check_args', 'args_record', 'Rule', 'RULES',
            'RUNTIME_KEYS', 'ST_INCOMPATIBLE', 'UNSUPPORTED']
@@ -479,21 +479,6 @@ def _device_error(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
-def _output_error(args: argparse.Namespace) -> Optional[str]:
-    """The output root (and run folder) must be, or be creatable as, a writable folder."""
-    root = args.output or os.path.join('.', 'output', 'train')
-    target = os.path.join(root, args.experiment) if args.experiment else root
-    path = os.path.abspath(target)
-    while not os.path.exists(path):  # the nearest existing ancestor must be a writable folder
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    if not os.path.isdir(path):
-        return f'--output {root}: {path} is a file, not a folder; choose another --output / --experiment'
-    if not os.access(path, os.W_OK | os.X_OK):
-        return f'--output {root}: cannot write to {path}; choose a writable --output'
-    return None
 
 
 def _type_errors(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -582,9 +567,11 @@ def check_args(args: argparse.Namespace, rules: Sequence[Rule] = RULES) -> None:
         value = getattr(args, dest)
         if value is not None and len(value) not in (1, channels):
             raise ArgsError(f'{_flag(dest)} needs 1 value or one per input channel ({channels}) (got {value})')
-    for message in (_device_error(args), _output_error(args)):
-        if message:
-            raise ArgsError(message)
+    device_error = _device_error(args)
+    if device_error:
+        raise ArgsError(device_error)
+    root = args.output or os.path.join('.', 'output', 'train')
+    check_output_folder(os.path.join(root, args.experiment) if args.experiment else root)
 
 
 def args_record(args: argparse.Namespace) -> Dict[str, Any]:
