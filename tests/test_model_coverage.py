@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from timm_stim import (
-    NoResidualBlocksError, SmallerInputsError, create_stim_config, create_stimulator, find_residual_blocks,
-    smaller_input_kwargs, stimulative_forward, subnet,
+    NoResidualBlocksError, create_stim_config, create_stimulator, find_residual_blocks, smaller_input_kwargs,
+    stimulative_forward,
 )
 
 # (model, family, block classes, create kwargs, training size S, min_scale, note)

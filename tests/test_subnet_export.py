@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import timm
-from timm_stim.blocks import find_residual_blocks, subnet
+from timm_stim.blocks import find_residual_blocks
+from timm_stim.skip import subnet
 from timm_stim.export import main, parse_subnets
 from timm_stim.export_report import pareto_front, select_pareto
 from timm_stim.sampler import split_flat_layout

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .blocks import BlockLayout, SpecLike, subnet
+from .blocks import BlockLayout
+from .skip import SpecLike, subnet
 
 __all__ = ['frozen_bn_stats', 'recalibrate_bn']
 

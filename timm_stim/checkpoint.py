@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import difflib
 import math
-import os
 import pickle
 import re
 from dataclasses import dataclass, field

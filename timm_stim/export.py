@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .blocks import BlockLayout, SubnetSpec, find_residual_blocks, resolve_spec
+from .blocks import BlockLayout, SubnetSpec, find_residual_blocks
 from .bn import recalibrate_bn
 from .checkpoint import DATA_CONFIG_KEYS, ModelSource, create_model_from_source, resolve_model_source
 from .cli import (OneLineArgumentParser, UsageError, add_eval_data_args, add_model_source_args, check_cli_args,
@@ -43,6 +43,7 @@ from .loafing_report import write_results
 from .export_report import machine_description, measure_model, plot_pareto, read_loafing_table, select_pareto, \
     family_markdown, fmt, subnet_card
 from .sampler import split_flat_layout
+from .skip import resolve_spec
 from .subnet_model import SubnetExportError, SubnetModel, UnsupportedFamilyError, create_subnet_model, \
     find_depth_argument
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .blocks import BlockLayout, SubnetSpec, subnet
+from .blocks import BlockLayout, SubnetSpec
+from .skip import subnet
 
 __all__ = ['count_flops', 'count_relative_flops', 'forward_flops']
 

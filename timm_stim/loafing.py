@@ -38,7 +38,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
-from .blocks import BlockLayout, SubnetSpec, find_residual_blocks, subnet
+from .blocks import BlockLayout, SubnetSpec, find_residual_blocks
+from .skip import subnet
 from .bn import recalibrate_bn
 from .checkpoint import create_model_from_source, resolve_model_source
 from .cli import (OneLineArgumentParser, UsageError, add_eval_data_args, add_model_source_args, check_cli_args,
@@ -441,10 +442,6 @@ def check_args(args: argparse.Namespace) -> None:
     parse_model_kwargs(args.model_kwargs)
     for text in args.depths or []:
         parse_depths(text)
-    subnets = args.subnets.split(':', 1)
-    if subnets[0] not in ('all', 'random') or (subnets[0] == 'random' and not (
-            len(subnets) == 2 and subnets[1].isdigit() and int(subnets[1]) >= 1)):
-        raise UsageError(f"--subnets must be 'all' or 'random:N' with N >= 1 (got {args.subnets!r})")
     check_output_folder(args.output)
 
 

@@ -18,10 +18,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .blocks import BlockLayout, SubnetSpec, default_input_size, find_residual_blocks, subnet
+from .blocks import BlockLayout, SubnetSpec, default_input_size, find_residual_blocks
 from .bn import frozen_bn_stats
 from .losses import StimLoss
 from .sampler import SubnetSampler, split_flat_layout
+from .skip import subnet
 from .sizes import (
     SizeSampler, SmallerInputsError, check_smaller_inputs, describe_kept_sizes, resize_batch, size_multiple,
 )

@@ -1,6 +1,6 @@
 """Turn a subnetwork of a timm model into a smaller plain timm model.
 
-A subnet (`timm_stim.blocks.subnet`) skips residual blocks in place. For deployment the skipped blocks should not
+A subnet (`timm_stim.skip.subnet`) skips residual blocks in place. For deployment the skipped blocks should not
 exist at all: `create_subnet_model` builds the same architecture with fewer blocks through timm's own constructor
 argument (ResNet `layers`, ViT/DeiT/EVA/BEiT `depth`, ConvNeXt/Swin/MetaFormer `depths`, ...), copies the weights of
 the blocks that run, renumbered, and checks that every tensor is accounted for and that the logits are those of the
@@ -29,7 +29,8 @@ import torch.nn as nn
 
 import timm
 
-from .blocks import BlockLayout, SpecLike, SubnetSpec, resolve_spec, subnet
+from .blocks import BlockLayout, SubnetSpec
+from .skip import SpecLike, resolve_spec, subnet
 from .cli import one_line
 
 __all__ = [
