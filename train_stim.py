@@ -48,11 +48,11 @@ from timm.utils import (AverageMeter, CheckpointSaver, NativeScaler, accuracy, d
                         get_outdir, init_distributed_device, random_seed, set_jit_fuser, update_summary)
 
 from timm_stim import StimulativeTask, Stimulator, create_stim_config, parse_space, recalibrate_bn, smaller_input_kwargs
-from timm_stim.checkpoint import (DATA_CONFIG_KEYS, clean_state_dict, first_non_finite, read_training_checkpoint,
-                                  sanitize_saver_state)
+from timm_stim.checkpoint import (DATA_CONFIG_KEYS, clean_state_dict, first_non_finite, read_checkpoint_metadata,
+                                  read_training_checkpoint, sanitize_saver_state)
 from timm_stim.cli import UsageError, one_line, report_error
 from timm_stim.data import DIGITS_INFO, DataConfigError, FixedSubset, create_dataset_or_digits, is_digits
-from timm_stim.train_args import ArgsError, args_record, build_parser, check_args as check_flag_values
+from timm_stim.train_args import args_record, build_parser, check_args as check_flag_values
 from timm_stim.train_args import parse_args as parse_flags
 from timm_stim.hub import HubPushError
 
@@ -458,6 +458,28 @@ class AtomicCheckpointSaver(CheckpointSaver):
         _logger.info(f'Restored checkpoint history ({len(self.checkpoint_files)} files), best metric '
                      f'{self.best_metric} (epoch {self.best_epoch})')
 
+    def load_state_dict_from_checkpoint(self, checkpoint_path):
+        """Restore the history; then finish what a crash between last.pth.tar and checkpoint-N / model_best left
+        undone for the checkpoint resumed from (its own stored epoch and finite metric decide)."""
+        restored = super().load_state_dict_from_checkpoint(checkpoint_path)
+        meta = read_checkpoint_metadata(checkpoint_path) or {}
+        epoch, metric = meta.get('epoch'), meta.get('metric')
+        if os.path.basename(checkpoint_path) != 'last' + self.extension or not isinstance(epoch, int) or epoch < 0 \
+                or not isinstance(metric, float) or not math.isfinite(metric):
+            return restored
+        save_path = self._checkpoint_path(epoch)
+        worst = self.checkpoint_files[-1] if self.checkpoint_files else None
+        if not os.path.exists(save_path) and (len(self.checkpoint_files) < self.max_history or worst[1] is None
+                                              or self.cmp(metric, worst[1])):
+            if len(self.checkpoint_files) >= self.max_history:
+                self._cleanup_checkpoints(1)
+            self._duplicate(checkpoint_path, save_path)
+            self._track_checkpoint(save_path, epoch, metric)  # also model_best, when it is the best
+        elif self.best_metric is None or self.cmp(metric, self.best_metric):
+            self.best_metric, self.best_epoch = metric, epoch
+            self._duplicate(checkpoint_path, os.path.join(self.checkpoint_dir, 'model_best' + self.extension))
+        return restored
+
     def _replace(self, src, dst):
         with open(src, 'rb') as f:
             os.fsync(f.fileno())
@@ -731,7 +753,11 @@ def train(args) -> int:
     if args.rank == 0:
         exp_name = args.experiment or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'),
                                                 safe_model_name(args.model), str(data_config['input_size'][-1])])
-        output_dir = get_outdir(args.output or './output/train', exp_name)
+        try:
+            output_dir = get_outdir(args.output or './output/train', exp_name)
+        except OSError as e:  # e.g. a read-only or virtual file system: nothing written yet
+            raise UsageError(f'cannot create the run folder in --output {args.output or "./output/train"}: '
+                             f'{e.strerror or e}; choose a writable --output') from None
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
             yaml.safe_dump(args_record(args), f, default_flow_style=False, sort_keys=False)
         saver = AtomicCheckpointSaver(model, optimizer, args=argparse.Namespace(**args_record(args)),

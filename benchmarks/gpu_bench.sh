@@ -10,7 +10,7 @@
 #   r50      resnet50, batch 256, 224 px, bf16 autocast, channels_last: plain / --stim none / hand loop,
 #            ST, ST++ and ST++ memory-lean, M = 1 and 6 (eager)
 #   deit     deit_small_patch16_224 (dynamic_img_size), batch 256, bf16: same configs, M = 1 and 6 (eager)
-#   compile  resnet50 and deit_small (two runs), settings as above: eager, and torch.compile (inductor) of plain
+#   compile  (= compile_r50 compile_deit) resnet50 and deit_small, one run each, settings as above: eager, and torch.compile (inductor) of plain
 #            training (whole model) against ST and ST++ M = 1 and 6 with task.compile(scope='full') (full pass
 #            compiled, subnets eager) and scope='subnets' (subnet passes through the same compiled model, one
 #            static graph per (subnet, size): ST++ with size buckets 96/160/224; ST's 216 subnets exceed the
@@ -29,8 +29,8 @@
 # than 30 s of it left, and cut timeouts to what is left; default 570), T_R50 / T_DEIT / T_COMPILE / T_LOOP /
 # T_TRAIN / T_SYNC (per-section timeouts, s; T_COMPILE per model), REP / CREP (step_cost.py repeat flags for
 # eager / compile sections), TRAIN_MODEL / TRAIN_BS / TRAIN_EPOCHS (train, loop and sync sections).
-# One device command may run at most 10 minutes: run all sections in two calls, e.g. `compile` and then
-# `loop train sync r50 deit` (measured times on an H200 are in BENCHMARKS.md).
+# One device command may run at most 10 minutes: run the sections in calls of at most BUDGET_S each, e.g.
+# `compile` and then `loop train sync deit` (the order of priority is in BENCHMARKS.md, "The next GPU run").
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PWD}${PYTHONPATH:+:$PYTHONPATH}"
@@ -67,10 +67,10 @@ if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'
   # measured on an H200 (2026-11-27): r50 ~210 s (85 s of it cudnn pre-warm of 129 sizes), deit ~55 s, plain
   # resnet50 compile 47 s; scope 'subnets' compiles up to 26 graphs for resnet50 (8 subnets x 3 sizes + 2):
   # not yet measured, hence the long compile timeout
-  T_R50="${T_R50:-240}"; T_DEIT="${T_DEIT:-120}"; T_COMPILE="${T_COMPILE:-420}"
-  T_LOOP="${T_LOOP:-240}"; T_TRAIN="${T_TRAIN:-240}"; T_SYNC="${T_SYNC:-180}"
-  BUCKETS="96 160 224"
-  TRAIN_MODEL="${TRAIN_MODEL:-resnet50}"; TRAIN_BS="${TRAIN_BS:-128}"; TRAIN_EPOCHS="${TRAIN_EPOCHS:-5}"
+  T_R50="${T_R50:-240}"; T_DEIT="${T_DEIT:-120}"; T_COMPILE="${T_COMPILE:-300}"
+  T_LOOP="${T_LOOP:-180}"; T_TRAIN="${T_TRAIN:-180}"; T_SYNC="${T_SYNC:-150}"
+  BUCKETS="96 160 224"; DEIT_BUCKETS="$BUCKETS"; COMPILE_SET="--subnets 1 6 --configs plain st st++"
+  TRAIN_MODEL="${TRAIN_MODEL:-resnet50}"; TRAIN_BS="${TRAIN_BS:-128}"; TRAIN_EPOCHS="${TRAIN_EPOCHS:-4}"
   TRAIN_IMG=224; DATA_ARGS="--classes 4 --train-per-class 1280 --val-per-class 64 --size 256"  # 40 steps/epoch
   TRAIN_DEV="--workers 12 --pin-mem --log-interval 10 --stim-bn-recal 512"
   LOOP_ARGS="--repeats 10 --warmup 3 --script-loop-batches 40 --script-loop-rounds 3"
@@ -86,7 +86,7 @@ else
   CREP="--repeats 2 --warmup 1 --compile-backend eager"
   T_R50="${T_R50:-300}"; T_DEIT="${T_DEIT:-300}"; T_COMPILE="${T_COMPILE:-300}"
   T_LOOP="${T_LOOP:-300}"; T_TRAIN="${T_TRAIN:-300}"; T_SYNC="${T_SYNC:-300}"
-  BUCKETS="16 24 32"
+  BUCKETS="16 24 32"; DEIT_BUCKETS="16 32"; COMPILE_SET="--subnets 2 --configs plain st++"
   TRAIN_MODEL="${TRAIN_MODEL:-resnet18}"; TRAIN_BS="${TRAIN_BS:-8}"; TRAIN_EPOCHS="${TRAIN_EPOCHS:-2}"
   TRAIN_IMG=32; DATA_ARGS="--classes 2 --train-per-class 24 --val-per-class 8 --size 40"  # 6 steps/epoch
   TRAIN_DEV="--workers 0 --log-interval 2 --stim-bn-recal 16 --device cpu"
@@ -94,7 +94,9 @@ else
   # dynamo capture only (the eager backend): guards and recompiles as with inductor, no C++ compile on 2 cores;
   # the sync check runs eagerly on CPU (its dispatch mode and dynamo do not mix)
   COMPILE_FLAG="--torchcompile eager"; SYNC_COMPILE=""; SYNC_WARMUP=2;
-  AMP_DTYPES="bfloat16 float16"  # CPU autocast; the GradScaler exists on CUDA only
+  # CPU autocast to bfloat16 only: train_stim.py makes a GradScaler on CUDA only, and fp16 without loss scaling
+  # diverges within a few steps here (the run then stops with its non-finite loss error, exit 1)
+  AMP_DTYPES="bfloat16"
 fi
 NUM_CLASSES=$([[ $DEV == cpu ]] && echo 2 || echo 4)
 TRAIN_COMMON="--model $TRAIN_MODEL --num-classes $NUM_CLASSES -b $TRAIN_BS --img-size $TRAIN_IMG --channels-last \
@@ -167,12 +169,12 @@ for s in $SECTIONS; do
       run_section r50_eager "$T_R50" $R50 $REP --subnets 1 6 --configs plain none hand st st++ st++lean ;;
     deit)
       run_section deit_eager "$T_DEIT" $DEIT $REP --subnets 1 6 --configs plain none hand st++ st++lean ;;
-    compile)
-      # eager rows too (same process: the ratios compare like with like); graph check folded in
-      run_section r50_compile "$T_COMPILE" $R50 $CREP --subnets 1 6 --configs plain st st++ --compile \
+    compile|compile_r50|compile_deit)
+      # eager rows too (same process: the ratios compare like with like); graph check folded in (resnet50)
+      [[ $s == compile_deit ]] || run_section r50_compile "$T_COMPILE" $R50 $CREP $COMPILE_SET --compile \
         --compile-scope full subnets --graph-steps 12 --stim-sizes $BUCKETS
-      run_section deit_compile "$T_COMPILE" $DEIT $CREP --subnets 1 6 --configs plain st st++ --compile \
-        --compile-scope full subnets --graph-steps 0 --stim-sizes $BUCKETS ;;
+      [[ $s == compile_r50 ]] || run_section deit_compile "$T_COMPILE" $DEIT $CREP $COMPILE_SET --compile \
+        --compile-scope full subnets --graph-steps 0 --stim-sizes $DEIT_BUCKETS ;;
     loop)
       LOOP_MODEL=$([[ $DEV == cuda ]] && echo "--model $TRAIN_MODEL --batch-size $TRAIN_BS --img-size 224 --device cuda \
         --amp-dtype bfloat16 --channels-last" || echo "$R50 --batch-size $TRAIN_BS")
@@ -180,7 +182,7 @@ for s in $SECTIONS; do
         --script-loop-subnets 6 --script-loop-compile ;;
     train) train_section ;;
     sync) sync_section ;;
-    *) log "unknown section $s (use r50, deit, compile, loop, train, sync)" ;;
+    *) log "unknown section $s (use r50, deit, compile (= compile_r50 compile_deit), loop, train, sync)" ;;
   esac
 done
 log "done; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

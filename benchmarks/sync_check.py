@@ -110,13 +110,15 @@ class HostSyncCounter(TorchDispatchMode):
     def __init__(self, recorder: StepRecorder):
         super().__init__()
         self.recorder = recorder
-        self.host = weakref.WeakSet()  # tensors that live on the host in a GPU run too (generator draws)
+        self.host: Dict[int, weakref.ref] = {}  # id -> tensor that lives on the host in a GPU run too (RNG draws)
 
     def _is_host(self, t) -> bool:
-        try:
-            return t in self.host
-        except TypeError:
-            return False
+        ref = self.host.get(id(t))  # by identity: a WeakSet would compare tensors with ==, itself an op
+        return ref is not None and ref() is t
+
+    def _mark_host(self, t: torch.Tensor) -> None:
+        key = id(t)
+        self.host[key] = weakref.ref(t, lambda _, key=key: self.host.pop(key, None))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -128,7 +130,7 @@ class HostSyncCounter(TorchDispatchMode):
         if host_inputs:
             for t in (out if isinstance(out, (tuple, list)) else (out,)):
                 if isinstance(t, torch.Tensor):
-                    self.host.add(t)
+                    self._mark_host(t)
         return out
 
     def __enter__(self):

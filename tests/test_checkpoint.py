@@ -155,3 +155,19 @@ def test_load_model_sources(tmp_path):
         loaded, source = create_model_from_source(text)
         assert source.kind == 'local_dir' and source.num_classes == 10
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_first_non_finite_names_the_tensor():
+    from timm_stim.checkpoint import first_non_finite
+    model = timm.create_model('resnet10t', num_classes=4)
+    state = model.state_dict()
+    assert first_non_finite(state) is None
+    big = dict(state, **{'fc.weight': state['fc.weight'] * 1e30})  # huge but finite: no overflow in the check
+    assert first_non_finite(big) is None
+    for bad in (float('nan'), float('inf'), -float('inf')):
+        broken = {k: v.clone() for k, v in state.items()}
+        broken['layer2.0.bn1.running_var'][3] = bad
+        assert first_non_finite(broken) == 'layer2.0.bn1.running_var'
+    half = {'w': torch.ones(3, dtype=torch.bfloat16), 'n': torch.tensor([1, 2]),
+            'h': torch.tensor([float('nan')]).half()}
+    assert first_non_finite(half) == 'h'

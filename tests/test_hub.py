@@ -283,7 +283,7 @@ def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys, argv, messa
     ckpt = tmp_path / 'last.pth.tar'
     torch.save({'state_dict': _small_resnet().state_dict()}, ckpt)
     argv = [a.format(ckpt=ckpt, missing=tmp_path / 'missing.pth') for a in argv]
-    assert hub.main(argv) == 1
+    assert hub.main(argv) == 2
     err = capsys.readouterr().err
     assert len(_error_lines(err)) == 1 and message in _error_lines(err)[0], err
     assert 'Traceback' not in err
@@ -306,7 +306,7 @@ def test_cli_checks_push_is_possible_before_exporting(tmp_path, capsys, monkeypa
     monkeypatch.setattr(hub, 'get_token', lambda: token)
     ckpt = tmp_path / 'last.pth.tar'
     torch.save({'state_dict': _small_resnet().state_dict()}, ckpt)
-    assert hub.main(['push', str(ckpt), '--model', 'test_resnet', '--num-classes', '10', '--hub-repo-id', 'a/b']) == 1
+    assert hub.main(['push', str(ckpt), '--model', 'test_resnet', '--num-classes', '10', '--hub-repo-id', 'a/b']) == 2
     err = capsys.readouterr().err
     assert len(_error_lines(err)) == 1 and message in _error_lines(err)[0], err
     assert not (tmp_path / 'hf_export').exists()

@@ -183,7 +183,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     meta = json.loads((out / 'loafing.json').read_text())['meta']
     assert meta['data_config']['input_size'] == [3, 32, 32]
     assert (out / 'loafing.png').read_bytes()[:4] == b'\x89PNG'
-    assert loafing.main([str(tmp_path / 'nothing.pth')]) == 1
+    assert loafing.main([str(tmp_path / 'nothing.pth')]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith('error: ') and 'nothing.pth' in err[0], err
 

@@ -94,3 +94,68 @@ def test_checkpoint_saver_never_leaves_a_broken_last_checkpoint(tmp_path, monkey
     saver.save_checkpoint(1, metric=2.0)  # the next save replaces both, atomically
     assert load_ckpt(tmp_path / 'model_best.pth.tar')['epoch'] == 1
     assert not list(tmp_path.glob('*.tmp'))
+
+
+def _saver(folder, decreasing=False, max_history=2):
+    model = torch.nn.Linear(3, 2)
+    return train_stim.AtomicCheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                            checkpoint_dir=str(folder), recovery_dir=str(folder),
+                                            decreasing=decreasing, max_history=max_history), model
+
+
+def test_crafted_checkpoint_history_cannot_delete_files_or_suppress_model_best(tmp_path, caplog):
+    run, outside = tmp_path / 'run', tmp_path / 'victim.txt'
+    run.mkdir()
+    outside.write_text('keep me')
+    (run / 'notes.txt').write_text('keep me too')
+    saver, model = _saver(run)
+    saver.save_checkpoint(0, metric=50.0)  # a real checkpoint-0 with metric 50
+    crafted = {'checkpoint_files': [(str(outside), 99.0), ('../victim.txt', 98.0), ('notes.txt', 97.0),
+                                    ('checkpoint-0.pth.tar', 1e30), ('checkpoint-7.pth.tar', 5.0), 'junk'],
+               'best_metric': 1e30, 'best_epoch': 0, 'pending': ('../../x', float('nan'))}
+    resumed, _ = _saver(run, max_history=1)
+    resumed.load_state_dict(crafted)
+    assert resumed.checkpoint_files == [] and resumed.best_metric == 50.0 and resumed.best_epoch == 0
+    assert len([r for r in caplog.records if 'ignored' in r.getMessage()]) >= 7
+    honest, _ = _saver(run, max_history=1)  # the genuine history of that checkpoint is kept
+    honest.load_state_dict({'checkpoint_files': [('checkpoint-0.pth.tar', 50.0)], 'best_metric': 50.0,
+                            'best_epoch': 0, 'pending': (None, None)})
+    assert honest.checkpoint_files == [(str(run / 'checkpoint-0.pth.tar'), 50.0)]
+    for epoch, metric in ((1, 60.0), (2, 40.0), (3, 70.0)):  # pruning to max_history=1 deletes only checkpoint-N
+        resumed.save_checkpoint(epoch, metric=metric)
+    assert outside.read_text() == 'keep me' and (run / 'notes.txt').read_text() == 'keep me too'
+    assert load_ckpt(run / 'model_best.pth.tar')['epoch'] == 3  # a crafted best metric suppressed nothing
+    assert sorted(p.name for p in run.glob('checkpoint-*')) == ['checkpoint-0.pth.tar', 'checkpoint-3.pth.tar']
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    saver, model = _saver(tmp_path)
+    saver.task = train_stim.CheckpointContents(type('Task', (), dict(
+        model=model, has_ema=lambda self: False, get_checkpoint_state=lambda self, ema=False, **kw: (
+            {} if ema else {'state_dict': model.state_dict()})))())
+    saver.save_checkpoint(0, metric=1.0)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        model.weight[0, 0] = float('inf')
+    with pytest.raises(train_stim.TrainingDiverged, match=r'non-finite model weights \(weight\) after epoch 1'):
+        saver.save_checkpoint(1, metric=2.0)
+    with pytest.raises(train_stim.TrainingDiverged, match='non-finite model weights'):
+        saver.save_recovery(1, batch_idx=3)
+    with torch.no_grad():
+        model.weight[0, 0] = 0.0
+    with pytest.raises(train_stim.TrainingDiverged, match='non-finite checkpoint metric'):
+        saver.save_checkpoint(1, metric=float('nan'))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_summary_rows_are_rewritten_not_lost_or_repeated(tmp_path):
+    summary = str(tmp_path / 'summary.csv')
+    for epoch in range(3):
+        train_stim.write_summary_row(summary, epoch, {'loss': 1.0 + epoch}, {'top1': 10.0 * epoch}, lr=0.1)
+    # a crash after epoch 2's row and before its checkpoint: the resumed run writes epoch 2 (and then 1) again
+    train_stim.write_summary_row(summary, 2, {'loss': 7.0}, {'top1': 70.0}, lr=0.1)
+    rows = read_summary(tmp_path)
+    assert [r['epoch'] for r in rows] == ['0', '1', '2'] and rows[2]['train_loss'] == '7.0'
+    train_stim.write_summary_row(summary, 1, {'loss': 5.0}, {'top1': 50.0}, lr=0.1)
+    assert [r['epoch'] for r in read_summary(tmp_path)] == ['0', '1']
+    assert not list(tmp_path.glob('*.tmp'))

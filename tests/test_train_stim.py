@@ -146,3 +146,29 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert ckpt['epoch'] == 0
     assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values() if v.is_floating_point())
     assert len(read_summary(out / 'nan')) == 1
+
+
+@pytest.mark.slow
+def test_diverged_run_saves_no_checkpoint(tmp_path):
+    """--lr 1e6 blows the run up in epoch 0 (a NaN loss, or finite weights with a NaN validation loss, depending
+    on the steps): exit 1, one line, and no checkpoint or summary row is written for the diverged epoch."""
+    out = tmp_path / 'out'
+    res = run_train('--model', 'resnet18', '--epochs', '2', '--lr', '1e6', '--warmup-epochs', '0', '--output', out,
+                    '--experiment', 'lr', *FAST)
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: non-finite') and 'last good checkpoint' in err[0], err
+    assert not list((out / 'lr').glob('*.pth.tar')) and not (out / 'lr' / 'summary.csv').exists()
+
+
+@pytest.mark.slow
+def test_export_subnets_after_training(tmp_path):
+    out = tmp_path / 'out'
+    res = run_train('--model', 'resnet18', '--epochs', '1', '--export-subnets', '1,1,1,1', '--output', out,
+                    '--experiment', 'run', *FAST)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'Subnet d1-1-1-1:' in res.stdout
+    folder = out / 'run' / 'subnets' / 'resnet18-d1-1-1-1'
+    model = timm.create_model(f'local-dir:{folder}')
+    assert [len(stage) for stage in (model.layer1, model.layer2, model.layer3, model.layer4)] == [1, 1, 1, 1]
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

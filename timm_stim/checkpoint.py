@@ -468,7 +468,14 @@ def create_model_from_source(
         source, model_name, num_classes, model_kwargs, checkpoint, use_ema)
     if resolved.checkpoint is None:
         kwargs = dict(resolved.model_kwargs, **({'num_classes': resolved.num_classes} if resolved.num_classes else {}))
-        model = timm.create_model(resolved.model_name, pretrained=True, **kwargs)
+        try:  # timm reads config.json and the weights (weights_only for pickles, or safetensors)
+            model = timm.create_model(resolved.model_name, pretrained=True, **kwargs)
+        except (pickle.UnpicklingError, RuntimeError, OSError, TypeError, KeyError) as e:
+            refused = _REFUSED_GLOBAL_RE.search(str(e))
+            why = (f'its weights hold a {refused.group(1)} object, which the safe loader refuses to unpickle'
+                   if refused else f'{type(e).__name__}: {one_line(e)[:200]}')
+            raise ValueError(f'cannot load {resolved.source}: {why}; export it again with timm_stim.model_folder '
+                             '(safetensors weights)') from None
         resolved.model_name = model.pretrained_cfg.get('architecture') or resolved.model_name
         resolved.data_config = _data_config_from_model(model)
     else:

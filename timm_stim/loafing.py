@@ -390,14 +390,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     data = eval_data_args(args, infos[0]['train_args'])
     digits = is_digits(data['dataset'], data['data_dir'])
     data_config = resolve_eval_data_config(loaded[0][0], data_config_overrides(args), infos[0]['data_config'], digits)
-    for label, info in zip(labels[1:], infos[1:]):
-        other = info['data_config'].get('input_size')
-        if other and tuple(other) != tuple(data_config['input_size']):
-            print(f'warning: {label} was trained at input size {tuple(other)}, evaluating all models at '
-                  f'{tuple(data_config["input_size"])}', file=sys.stderr)
-    print(f"data: {data['dataset'] or ('digits' if digits else 'folder')} {data['data_dir'] or ''} "
-          f"split={data['val_split']} input_size={tuple(data_config['input_size'])} "
-          f"mean={tuple(round(m, 4) for m in data_config['mean'])} crop_pct={data_config['crop_pct']}", file=sys.stderr)
     val_loader = create_eval_loader(data['dataset'], data['data_dir'], data['val_split'], data_config,
                                     args.batch_size, args.workers, args.val_num_samples, args.seed, device)
     train_loader = None
@@ -406,14 +398,23 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                           args.batch_size, args.workers, args.bn_recal, args.seed, device)
         train_loader = cache_batches(train_loader)
     val_batches = cache_batches(val_loader)
+    for label, info in zip(labels[1:], infos[1:]):  # reported once the data is known to load
+        other = info['data_config'].get('input_size')
+        if other and tuple(other) != tuple(data_config['input_size']):
+            print(f'warning: {label} was trained at input size {tuple(other)}, evaluating all models at '
+                  f'{tuple(data_config["input_size"])}', file=sys.stderr)
+    print(f"data: {data['dataset'] or ('digits' if digits else 'folder')} {data['data_dir'] or ''} "
+          f"split={data['val_split']} input_size={tuple(data_config['input_size'])} "
+          f"mean={tuple(round(m, 4) for m in data_config['mean'])} crop_pct={data_config['crop_pct']}", file=sys.stderr)
 
     input_size = tuple(data_config['input_size'])
-    plans = []
+    plans, notes = [], []
     for (model, _), label in zip(loaded, labels):
         layout = find_residual_blocks(model, input_size=input_size)
         staged, specs = make_subnet_specs(layout, args.subnets, args.space, args.depths, args.seed, args.pseudo_stages)
         plans.append((model, label, staged, specs))
-        print(f'{label}: {layout}; {len(specs)} subnets ({args.space} space)', file=sys.stderr)
+        notes.append(f'{label}: {layout}; {len(specs)} subnets ({args.space} space)')
+    print('\n'.join(notes), file=sys.stderr)  # after every check: a bad input stays a one-line error
 
     progress = _Progress(sum(len(p[3]) for p in plans))
     results: List[Dict[str, Any]] = []
@@ -442,6 +443,9 @@ def check_args(args: argparse.Namespace) -> None:
     parse_model_kwargs(args.model_kwargs)
     for text in args.depths or []:
         parse_depths(text)
+    mode, _, count = str(args.subnets).strip().lower().partition(':')  # before run() prints its progress lines
+    if not (args.depths or (mode == 'all' and not count) or (mode == 'random' and count.isdigit() and int(count))):
+        raise UsageError(f"invalid --subnets {args.subnets!r}: use 'all' or 'random:N' (N >= 1), or give --depths")
     check_output_folder(args.output)
 
 

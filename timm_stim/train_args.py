@@ -35,7 +35,8 @@ class ArgsError(UsageError):
 def build_parser() -> argparse.ArgumentParser:
     """All flags, in timm's train.py groups and order; the timm_stim groups follow."""
     p = OneLineArgumentParser(
-        prog='train_stim.py', description='Train a timm model with Stimulative Training (ST / ST++), or plainly with --stim none.',
+        prog='train_stim.py',
+        description='Train a timm model with Stimulative Training (ST / ST++), or plainly with --stim none.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog='Built-in data: with no --data-dir and --dataset "" or "digits", the scikit-learn digits are used '
                '(32 px, 10 classes) and, unless -c is given, defaults come from hparams/digits_resnet18.yaml '
