@@ -458,7 +458,8 @@ class Bench:
             row.update(self.worst_case_memory(step, model, opt, stim))
         row['warmup_first_step_s'] = warm[0] if warm else None
         row['warmup_total_s'] = sum(warm)
-        row['compile_overhead_s'] = (sum(precompile) + sum(warm) - (len(precompile) + len(warm)) * row['median_ms'] / 1e3
+        compiling = precompile + warm  # steps that may compile, less what they cost at steady state
+        row['compile_overhead_s'] = (sum(compiling) - len(compiling) * row['median_ms'] / 1e3
                                      if compiled and warm else None)
         if precompile:
             row.update(precompile_steps=len(precompile), precompile_s=sum(precompile), precompile_pairs=pairs,
@@ -596,7 +597,6 @@ class Bench:
         batches.
         """
         import train_stim
-        from timm.task import ClassificationTask
         a = self.args
         config, m, compiled = a.script_loop_config, a.script_loop_subnets, a.script_loop_compile
         batches = [(self.x, self.y)] * (a.script_loop_batches or max(5, a.repeats))
@@ -605,7 +605,7 @@ class Bench:
         targs.world_size, targs.rank, targs.distributed = 1, 0, False
         crit = nn.CrossEntropyLoss()
         if config == 'none':
-            script_model, minimal_model = self.new_model(), self.new_model()
+            script_model = self.new_model()
             script_task = StimulativeTask(script_model, crit, None, device=self.device, verbose=False)
             if compiled:
                 script_task.compile(backend=a.compile_backend, mode=a.compile_mode)
@@ -646,7 +646,6 @@ class Bench:
                'batches_per_round': len(batches), 'rounds': rounds, 'clock': self.clock, 'config': config,
                'subnets': m if config != 'none' else 0, 'compiled': compiled,
                'script_img_s': 1e3 * a.batch_size / med['script'], 'minimal_img_s': 1e3 * a.batch_size / med['minimal']}
-        del script_task, script_model, minimal_forward
         self.cleanup()
         return out
 

@@ -255,7 +255,8 @@ def summarize(steps: List[Dict[str, Any]], code: int, error: Optional[str]) -> D
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 usage='%(prog)s [options] -- <train_stim.py arguments>')
     p.add_argument('--warmup-steps', type=int, default=3, help='steps of the run not watched (compile, autotuning)')
     p.add_argument('--cuda-mode', default='warn', choices=['warn', 'error'],
@@ -270,12 +271,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cuda = torch.cuda.is_available() and '--device' not in args.train_args or \
-        any(a.startswith('cuda') for a in args.train_args)
-    report = run_checked(args.train_args, args.warmup_steps, args.cuda_mode if cuda else None)
-    report.update(device='cuda' if cuda else 'cpu', method=(f'torch.cuda.set_sync_debug_mode({args.cuda_mode!r})' if cuda
-                  else 'TorchDispatchMode: _local_scalar_dense, data-dependent shapes, tolist/numpy/cpu'),
-                  warmup_steps=args.warmup_steps, train_args=args.train_args, torch=torch.__version__)
+    train_args = args.train_args
+    device = next((train_args[i + 1] for i, a in enumerate(train_args[:-1]) if a == '--device'), None)
+    cuda = torch.cuda.is_available() and (device is None or device.startswith('cuda'))
+    report = run_checked(train_args, args.warmup_steps, args.cuda_mode if cuda else None)
+    method = (f'torch.cuda.set_sync_debug_mode({args.cuda_mode!r})' if cuda
+              else 'TorchDispatchMode: _local_scalar_dense, data-dependent shapes, tolist/numpy/cpu')
+    report.update(device='cuda' if cuda else 'cpu', method=method, warmup_steps=args.warmup_steps,
+                  train_args=train_args, torch=torch.__version__)
     rank = int(os.environ.get('RANK', 0))
     if rank == 0:
         print(f"[sync check] {report['method']}: train_stim exit {report['train_exit_code']}, "

@@ -10,10 +10,11 @@ smooth colour fields, a few classes, so that timm's ImageFolder reader, decoding
 ImageNet. `check` reads what the run left and writes one JSON: the exit code; every loss column of summary.csv
 finite; the number of dynamo recompiles in the log (TORCH_LOGS=recompiles prints one 'Recompiling function'
 block each), against --max-recompiles; model_best.pth.tar (and its EMA weights) loaded with torch.load
-(weights_only; argparse.Namespace, which timm's CheckpointSaver stores
-the args as, allow-listed when needed) into a plain `timm.create_model` with strict load_state_dict; and the img/s train_stim.py logs
-(median of its log lines after the first epoch, which compiles) against the step benchmark's img/s for the same
-model, batch and settings (step_cost.py --script-loop-config JSON: 'minimal_img_s'), with the ratio.
+(weights_only; argparse.Namespace, which timm's CheckpointSaver
+stores the args as, allow-listed when needed) into a plain `timm.create_model` with strict
+load_state_dict; and the img/s train_stim.py logs (median of its log lines after the first epoch, which
+compiles) against the step benchmark's img/s for the same model, batch and settings (step_cost.py
+--script-loop-config JSON: 'minimal_img_s'), with the ratio.
 Exit code of `check`: 0 when every check passes, 1 otherwise.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ import re
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
