@@ -196,3 +196,22 @@ def test_compile_rejects_unknown_scope():
     model, stim = _make()
     with pytest.raises(ValueError, match="'full' or 'subnets'"):
         StimulativeTask(model, nn.CrossEntropyLoss(), stim, verbose=False).compile(scope='blocks')
+
+
+def test_recalibrate_bn_of_a_compiled_model_compiles_nothing(dynamo_clean):
+    """--stim-bn-recal before evaluating a --torchcompile model: the re-estimation runs the plain module it wraps
+    (cumulative BN averaging reads a buffer as a number, which would break and recompile the graph per BN layer),
+    and the compiled model then sees the new statistics."""
+    from timm_stim import recalibrate_bn
+    model = small_resnet()
+    compiled = torch.compile(model, backend=CAPTURE_BACKEND)
+    x, _ = _batch(0)
+    with torch.no_grad():
+        compiled.eval()(x)
+    graphs = _graphs()
+    before = model.bn1.running_mean.clone()
+    assert recalibrate_bn(compiled, [_batch(i)[0] for i in range(3)], num_images=12) == 12
+    assert _graphs() == graphs
+    assert not torch.equal(model.bn1.running_mean, before)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.eval()(x), model.eval()(x))

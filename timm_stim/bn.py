@@ -51,6 +51,9 @@ def recalibrate_bn(
     BN layers that the subnet does not run keep their previous statistics. `batches` yields tensors or
     (input, target) pairs. Returns the number of images used.
     """
+    # A torch.compile wrapper shares the weights and buffers: run the plain module, since the cumulative-average
+    # mode (momentum None) reads a buffer as a Python number and would recompile the graph BN layer by BN layer.
+    model = getattr(model, '_orig_mod', model)
     bns = _tracking_bns(model)
     if not bns:
         return 0
