@@ -48,6 +48,7 @@ from timm_stim.train_setup import (apply_digits_defaults, compile_and_distribute
                                    create_model, create_optimizer, create_stim_options, create_task,
                                    create_train_stimulator, init_runtime, prepare_model, resolve_lr)
 
+# What tests and benchmarks/ use from this script (some of it imported here from the library):
 __all__ = ['main', 'train', 'parse_args', 'check_args', 'train_one_epoch', 'validate', 'evaluate',
            'build_parser', 'UsageError', 'TrainingDiverged', 'AtomicCheckpointSaver', 'CheckpointContents',
            'write_summary_row']
@@ -192,8 +193,8 @@ def train(args) -> int:
                                                  eval_metrics, latest_metric, args)
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, latest_metric)
-        results.append(dict(epoch=epoch, train=train_metrics, **({'validation': eval_metrics}
-                                                                  if eval_metrics else {})))
+        result = dict(epoch=epoch, train=train_metrics)
+        results.append(dict(result, validation=eval_metrics) if eval_metrics else result)
 
     log_results(args, results, eval_metric, best_metric, best_epoch, num_epochs, output_dir, start_time)
     if args.distributed:

@@ -34,6 +34,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -430,7 +431,8 @@ def main(argv: Sequence[str] = None) -> int:
         saved = json.loads(timing_file.read_text())
         timings, wall, command = saved['timings'], saved['wall'], saved['command']
     else:
-        command = 'python ' + ' '.join([os.path.relpath(__file__, REPO), *(argv if argv is not None else sys.argv[1:])])
+        given = argv if argv is not None else sys.argv[1:]
+        command = 'python ' + shlex.join([os.path.relpath(__file__, REPO), *given])
         start = time.time()
         timings = train_all(args)
         timings.update(loafing_all(args))

@@ -86,7 +86,8 @@ def test_full_entry_is_plain_evaluation():
             total += len(y)
     full = rows[0]
     assert full['is_full'] and full['depths'] == '2,2,2,2' and full['keep'] == '11111111'
-    assert full['top1'] == pytest.approx(100 * correct1 / total) and full['top5'] == pytest.approx(100 * correct5 / total)
+    assert full['top1'] == pytest.approx(100 * correct1 / total)
+    assert full['top5'] == pytest.approx(100 * correct5 / total)
     assert full['rel_depth'] == 1.0 and full['rel_flops'] == 1.0 and full['num_val'] == total
     assert full['top1_bnrecal'] is None
     assert all(r['model'] == 'r18' and r['rel_depth'] < 1 and not r['is_full'] for r in rows[1:])

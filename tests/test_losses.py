@@ -185,6 +185,24 @@ def test_st_preset_does_not_standardize_main():
     cfg = create_stim_config('st')
     assert cfg.loss == 'kl' and cfg.standardize_main is False and cfg.min_scale == 1.0
     cfg = create_stim_config('st++')
-    assert cfg.loss == 'kl-' and cfg.standardize_main is True and cfg.min_scale == 0.43
+    assert cfg.loss == 'kl-' and cfg.standardize_main is True and cfg.min_scale is None  # set by the training size
     cfg = create_stim_config('st++', loss='kl')
     assert cfg.standardize_main is False
+
+
+def test_stpp_smaller_inputs_default_by_resolution(caplog):
+    """The ST++ preset's smaller inputs: the authors' [0.43 S, S] from 64 px up, off below (they hurt at 32 px:
+    docs/results/stpp_lowres.md); an explicit --stim-min-scale always wins."""
+    import timm
+    from timm_stim import create_stimulator
+    from timm_stim.stimulator import default_min_scale
+    assert default_min_scale(224) == 0.43 and default_min_scale(64) == 0.43 and default_min_scale(32) == 1.0
+    model = timm.create_model('resnet18', num_classes=10)
+    with caplog.at_level('INFO'):
+        low = create_stimulator(model, create_stim_config('st++'), full_size=32)
+    assert low.config.min_scale == 1.0 and not low.size_sampler.enabled
+    assert 'smaller subnet inputs off at 32 px' in caplog.text
+    high = create_stimulator(model, create_stim_config('st++'), full_size=64)
+    assert high.config.min_scale == 0.43 and high.size_sampler.sizes[0] == 27
+    forced = create_stimulator(model, create_stim_config('st++', min_scale=0.43), full_size=32)
+    assert forced.size_sampler.enabled and forced.size_sampler.sizes[0] == 13

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from test_train_stim import FAST, load_ckpt, read_summary, run_train, train_stim
+from timm_stim.run_state import AtomicCheckpointSaver, CheckpointContents, TrainingDiverged, write_summary_row
 
 # RNG everywhere: ST++ subnets (resnet18: K=1,2,2,1) and sizes, BN, augmentation, shuffling, stochastic depth, EMA.
-RECIPE = ['--model', 'resnet18', '--stim', 'st++', '--epochs', '2', '--drop-path', '0.1', '--model-ema',
-          '--model-ema-decay', '0.9', *FAST]
+RECIPE = ['--model', 'resnet18', '--stim', 'st++', '--stim-min-scale', '0.43', '--epochs', '2', '--drop-path', '0.1',
+          '--model-ema', '--model-ema-decay', '0.9', *FAST]
 
 
 def _tensors(obj, prefix=''):
@@ -75,7 +76,7 @@ def test_resume_is_bit_identical_and_bad_checkpoints_are_refused(tmp_path, capsy
 def test_checkpoint_saver_never_leaves_a_broken_last_checkpoint(tmp_path, monkeypatch):
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    saver = train_stim.AtomicCheckpointSaver(model, optimizer, checkpoint_dir=str(tmp_path),
+    saver = AtomicCheckpointSaver(model, optimizer, checkpoint_dir=str(tmp_path),
                                              recovery_dir=str(tmp_path), max_history=2)
     saver.save_checkpoint(0, metric=1.0)
     last, best = (tmp_path / 'last.pth.tar').read_bytes(), (tmp_path / 'model_best.pth.tar').read_bytes()
@@ -98,7 +99,7 @@ def test_checkpoint_saver_never_leaves_a_broken_last_checkpoint(tmp_path, monkey
 
 def _saver(folder, decreasing=False, max_history=2):
     model = torch.nn.Linear(3, 2)
-    return train_stim.AtomicCheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1),
+    return AtomicCheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                             checkpoint_dir=str(folder), recovery_dir=str(folder),
                                             decreasing=decreasing, max_history=max_history), model
 
@@ -130,20 +131,20 @@ def test_crafted_checkpoint_history_cannot_delete_files_or_suppress_model_best(t
 
 def test_non_finite_weights_are_never_saved(tmp_path):
     saver, model = _saver(tmp_path)
-    saver.task = train_stim.CheckpointContents(type('Task', (), dict(
+    saver.task = CheckpointContents(type('Task', (), dict(
         model=model, has_ema=lambda self: False, get_checkpoint_state=lambda self, ema=False, **kw: (
             {} if ema else {'state_dict': model.state_dict()})))())
     saver.save_checkpoint(0, metric=1.0)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with torch.no_grad():
         model.weight[0, 0] = float('inf')
-    with pytest.raises(train_stim.TrainingDiverged, match=r'non-finite model weights \(weight\) after epoch 1'):
+    with pytest.raises(TrainingDiverged, match=r'non-finite model weights \(weight\) after epoch 1'):
         saver.save_checkpoint(1, metric=2.0)
-    with pytest.raises(train_stim.TrainingDiverged, match='non-finite model weights'):
+    with pytest.raises(TrainingDiverged, match='non-finite model weights'):
         saver.save_recovery(1, batch_idx=3)
     with torch.no_grad():
         model.weight[0, 0] = 0.0
-    with pytest.raises(train_stim.TrainingDiverged, match='non-finite checkpoint metric'):
+    with pytest.raises(TrainingDiverged, match='non-finite checkpoint metric'):
         saver.save_checkpoint(1, metric=float('nan'))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
@@ -151,11 +152,11 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 def test_summary_rows_are_rewritten_not_lost_or_repeated(tmp_path):
     summary = str(tmp_path / 'summary.csv')
     for epoch in range(3):
-        train_stim.write_summary_row(summary, epoch, {'loss': 1.0 + epoch}, {'top1': 10.0 * epoch}, lr=0.1)
+        write_summary_row(summary, epoch, {'loss': 1.0 + epoch}, {'top1': 10.0 * epoch}, lr=0.1)
     # a crash after epoch 2's row and before its checkpoint: the resumed run writes epoch 2 (and then 1) again
-    train_stim.write_summary_row(summary, 2, {'loss': 7.0}, {'top1': 70.0}, lr=0.1)
+    write_summary_row(summary, 2, {'loss': 7.0}, {'top1': 70.0}, lr=0.1)
     rows = read_summary(tmp_path)
     assert [r['epoch'] for r in rows] == ['0', '1', '2'] and rows[2]['train_loss'] == '7.0'
-    train_stim.write_summary_row(summary, 1, {'loss': 5.0}, {'top1': 50.0}, lr=0.1)
+    write_summary_row(summary, 1, {'loss': 5.0}, {'top1': 50.0}, lr=0.1)
     assert [r['epoch'] for r in read_summary(tmp_path)] == ['0', '1']
     assert not list(tmp_path.glob('*.tmp'))

@@ -122,7 +122,9 @@ def eval_data_args(args: argparse.Namespace, run_args: Dict[str, Any]) -> Dict[s
         value = getattr(args, key)
         return value if value is not None else (run_args.get(key) or default)
     dataset = pick('dataset', '')
-    data_dir = args.data_dir if args.data_dir is not None else (run_args.get('data_dir') or run_args.get('data') or None)
+    data_dir = args.data_dir
+    if data_dir is None:
+        data_dir = run_args.get('data_dir') or run_args.get('data') or None
     if args.dataset is not None or args.data_dir is not None:  # an explicit dataset: don't mix with the run's
         dataset, data_dir = args.dataset or '', args.data_dir
     return dict(dataset=dataset, data_dir=data_dir, val_split=pick('val_split', 'validation'),

@@ -131,10 +131,11 @@ def loafing_markdown(
     header = ['model', 'subnets'] + [c[1] for c in columns]
     if several:
         header += ['full net vs first', 'mean subnet vs first']
+    recal_note = ' "BN re-est." = BatchNorm statistics re-estimated for each subnet on training images.'
     lines = [f'## {title}', '',
              'Top-1 accuracy (%) of residual subnetworks (a prefix of the blocks of every stage runs, skipped '
              'blocks are the identity) on the validation split. "subnet" columns exclude the full network.'
-             + (' "BN re-est." = BatchNorm statistics re-estimated for each subnet on training images.' if recal else ''),
+             + (recal_note if recal else ''),
              '', '| ' + ' | '.join(header) + ' |', '|' + '|'.join(['---'] + ['---:'] * (len(header) - 1)) + '|']
     for e in summary_rows:
         cells = [str(e['model']), str(e['num_subnets'])] + [_fmt(e.get(k)) for k, _ in columns]

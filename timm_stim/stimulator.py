@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -42,7 +42,7 @@ class StimConfig:
     temperature: float = 1.0
     amplitude: float = 1.0          # A of the KL- standardization
     num_subnets: int = 1            # M
-    min_scale: float = 0.43         # smallest subnet input size as a fraction of the training size; 1 = off
+    min_scale: Optional[float] = None  # smallest subnet input / training size; 1 = off; None: by resolution
     sizes: Optional[Sequence[int]] = None  # fixed subnet input sizes instead of the uniform range
     bn: str = 'freeze'              # 'freeze': subnet passes leave BN running stats alone; 'update': they don't
     standardize_main: Optional[bool] = None  # main criterion on standardized logits; default: loss == 'kl-'
@@ -57,9 +57,9 @@ class StimConfig:
             raise ValueError(f'stim subnets must be >= 1 (got {self.num_subnets}); use --stim none to train plainly.')
         if self.bn not in ('freeze', 'update'):
             raise ValueError(f"stim bn must be 'freeze' or 'update' (got {self.bn!r}).")
-        if not 0.0 < self.min_scale <= 1.0:
+        if self.min_scale is not None and not 0.0 < self.min_scale <= 1.0:
             raise ValueError(f'stim min scale must be in (0, 1] (got {self.min_scale}); 1 turns smaller inputs '
-                             f'off, the ST++ default is 0.43.')
+                             f'off, the authors\' ST++ range is 0.43.')
         if self.weight < 0:
             raise ValueError(f'stim weight must be >= 0 (got {self.weight}).')
         if self.standardize_main is None:
@@ -68,8 +68,20 @@ class StimConfig:
 
 STIM_PRESETS: Dict[str, Dict[str, Any]] = {
     'st': dict(space='st', loss='kl', min_scale=1.0),       # NeurIPS 2022: uniform depth, KL, full size
-    'st++': dict(space='st++', loss='kl-', min_scale=0.43),  # arXiv 2305.02507: inter-stage rule, KL-, smaller inputs
+    'st++': dict(space='st++', loss='kl-', min_scale=None),  # arXiv 2305.02507: inter-stage rule, KL-, smaller inputs
 }
+
+# ST++'s smaller inputs, [floor(0.43 S), S], were tuned by the authors at S = 224. Below 64 px they made the
+# subnets and the full net worse (docs/results/stpp_lowres.md: at 32 px, subnet inputs of 13..32 px), so the
+# resolution-dependent default (min_scale None) turns them off there; --stim-min-scale 0.43 restores them.
+AUTHORS_MIN_SCALE = 0.43
+LOW_RES_SIZE = 64
+
+
+def default_min_scale(full_size: int) -> float:
+    """The ST++ preset's smaller-input range at training size `full_size`: the authors' 0.43 from 64 px up,
+    off (1.0) below."""
+    return AUTHORS_MIN_SCALE if full_size >= LOW_RES_SIZE else 1.0
 
 
 def create_stim_config(preset: str = 'st++', **overrides) -> StimConfig:
@@ -109,6 +121,11 @@ class Stimulator:
         self.layout = split_flat_layout(layout, config.pseudo_stages)  # the stages the ST/ST++ rules see
         self.sampler = SubnetSampler(self.layout, config.space, seed=config.seed, rank=rank, per_rank=config.per_rank)
         self.full_size = int(full_size or default_input_size(model)[1])
+        if config.min_scale is None:  # the preset's resolution-dependent range, fixed now that S is known
+            config = self.config = replace(config, min_scale=default_min_scale(self.full_size))
+            if config.min_scale == 1.0 and not config.sizes:
+                _logger.info(f'ST++ smaller subnet inputs off at {self.full_size} px (below {LOW_RES_SIZE} px they '
+                             f'hurt: docs/results/stpp_lowres.md); --stim-min-scale {AUTHORS_MIN_SCALE} turns them on')
         size_seed = config.seed + 1 + (7919 * rank if config.per_rank else 0)
         multiple = size_multiple(model)
         self.size_sampler = SizeSampler(self.full_size, config.min_scale, config.sizes, multiple, size_seed)

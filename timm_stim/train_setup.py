@@ -96,7 +96,8 @@ def create_model(args, stim_config) -> nn.Module:
         raise UsageError(f"unknown model {name!r}{hint}; list names with "
                          f"python -c \"import timm; print(timm.list_models('*{name}*'))\"")
     kwargs = dict(args.model_kwargs or {})
-    if stim_config is not None and (stim_config.min_scale < 1.0 or stim_config.sizes):
+    # min_scale None: the preset decides by resolution once the data config is known, so allow other sizes
+    if stim_config is not None and (stim_config.min_scale is None or stim_config.min_scale < 1.0 or stim_config.sizes):
         for key, value in smaller_input_kwargs(name).items():
             kwargs.setdefault(key, value)
     args.model_kwargs = kwargs  # recorded in args.yaml, checkpoints and the Hub export's model_args
