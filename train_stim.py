@@ -339,9 +339,8 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, loss_scaler=No
         if saver is not None and args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0 \
                 and torch.isfinite(sums).all():
             saver.save_recovery(epoch, batch_idx=update_idx)
-        if lr_scheduler is not None:  # only a plateau schedule uses the running loss
-            lr_scheduler.step_update(num_updates=num_updates,
-                                     metric=sums[0].item() / count if args.sched == 'plateau' else None)
+        if lr_scheduler is not None:  # no running-loss metric: no scheduler reads it per update, and it would sync
+            lr_scheduler.step_update(num_updates=num_updates)
         end = time.time()
     if hasattr(optimizer, 'sync_lookahead'):
         optimizer.sync_lookahead()

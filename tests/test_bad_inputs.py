@@ -98,6 +98,7 @@ def _cases(f):
         (T, ['--img-size', '1'], '--img-size must be >= 8'),
         (T, ['--opt', 'sgdd'], '--opt must be a timm optimizer'),
         (T, ['--sched', 'cosin'], '--sched must be one of'),
+        (T, ['--sched', 'plateau', '--sched-on-updates'], '--sched-on-updates cannot be used with --sched plateau'),
         (T, ['--device', 'cuda:7'], '--device cuda:7'),
         (T, ['--device', 'toaster'], 'is not a torch device'),
         (T, ['--scale', '0.9', '0.1'], '--scale must be two numbers, low high'),

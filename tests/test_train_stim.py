@@ -86,8 +86,9 @@ def test_torchcompile(tmp_path, stim, scope):
     ST++ with both --stim-compile scopes and a whole-model compile under --stim none: training and
     evaluation run, and the checkpoint holds plain timm keys."""
     out = tmp_path / 'out'
+    sizes = ['--stim-sizes', '24', '32'] if scope == 'subnets' else []  # a graph per (subnet, size): bucketed sizes
     res = run_train('--model', 'resnet18', '--stim', stim, '--epochs', '1', '--torchcompile', 'aot_eager',
-                    '--stim-compile', scope, '--output', out, '--experiment', 'run', *FAST)
+                    '--stim-compile', scope, *sizes, '--output', out, '--experiment', 'run', *FAST)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = read_summary(out / 'run')
     assert ('train_stim_loss' in rows[0]) == (stim == 'st++') and float(rows[0]['eval_top1']) > 0.0

@@ -404,6 +404,9 @@ RULES = [
     Rule(('worker_seeding',), _in('all', 'part'), "must be 'all' or 'part'"),
     Rule(('sched',), _in('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'none'),
          "must be one of cosine, tanh, step, multistep, plateau, poly, none"),
+    Rule(('sched_on_updates',), lambda v: not v, 'cannot be used with --sched plateau (timm steps a plateau schedule '
+         'once per epoch, on the eval metric); choose another --sched, or a -c config without sched_on_updates '
+         '(the built-in digits recipe sets it)', lambda args: getattr(args, 'sched', '') == 'plateau'),
     Rule(('decay_milestones',), lambda v: list(v) == sorted(v) and all(m >= 0 for m in v),
          'must be increasing epochs >= 0'),
     Rule(('stim_min_scale',), lambda v: 0.0 < v <= 1.0, 'must be in (0, 1]; 1 turns smaller subnet inputs off',

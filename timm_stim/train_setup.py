@@ -150,9 +150,11 @@ def create_train_stimulator(model: nn.Module, stim_config, args, full_size: int)
     if stim_config is None:
         return None
     try:
-        return Stimulator(model, stim_config, blocks=args.stim_blocks, full_size=full_size, rank=args.rank)
+        stimulator = Stimulator(model, stim_config, blocks=args.stim_blocks, full_size=full_size, rank=args.rank)
     except ValueError as e:  # NoResidualBlocksError, SmallerInputsError, a space or sizes that don't fit
         raise UsageError(str(e)) from None
+    args.stim_min_scale = stimulator.config.min_scale  # the preset's range at this size, recorded in args.yaml
+    return stimulator
 
 
 def create_amp(args, device, model_dtype=None) -> Tuple[Callable, Optional[NativeScaler]]:
