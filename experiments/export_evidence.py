@@ -2,7 +2,8 @@
 
 For each seed and each chosen depth of ResNet-18's ST space this compares, on the validation split (top-1 %):
     ST export        `python -m timm_stim.export <st run> --depths D`       (trained with --stim st)
-    ST++ export      the same on a `--stim st++` run
+    ST++ export      the same on a `--stim st++` run (the 32 px preset: no smaller subnet inputs)
+    ST++ 13-32 px    the same on `--stim st++ --stim-min-scale 0.43` (subnet inputs 13-32 px, the older preset)
     baseline subnet  the same on a `--stim none` run (the subnet was never trained on its own)
     from scratch     `train_stim.py --model-kwargs layers=[D]`: a plain ResNet of that depth, same recipe
 Exports are measured twice: with the BatchNorm statistics as trained, and with `--bn-recal N` (statistics
@@ -32,13 +33,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 REPO = Path(__file__).resolve().parents[1]
 
 # model kind -> (folder key, train_stim.py flags); exports are taken from these runs
+# (ST++ min scale given explicitly: its preset at 32 px is 1 today, and was 0.43 when older runs were trained)
 STIM_RUNS = {
     'ST export': ('st', ['--stim', 'st']),
-    'ST++ export': ('stpp', ['--stim', 'st++']),
+    'ST++ export': ('stpp-fullsize', ['--stim', 'st++', '--stim-min-scale', '1']),
+    'ST++ 13-32 px export': ('stpp', ['--stim', 'st++', '--stim-min-scale', '0.43']),
     'baseline subnet': ('baseline', ['--stim', 'none']),
 }
 SCRATCH = 'from scratch'
 MODES = ('as trained', 'BN re-est.')
+BUSY_SECONDS = 300  # a job whose log changed this recently is left to the invocation running it
 FULL = 'full'  # the parent model itself (context row of the table)
 
 
@@ -112,7 +116,7 @@ def _export_dir(args: argparse.Namespace, key: str, seed: int, mode: str) -> Pat
 
 def _exports(args: argparse.Namespace) -> List[Tuple[Path, List[str]]]:
     jobs = []
-    for key, _ in STIM_RUNS.values():
+    for key, _ in reversed(STIM_RUNS.values()):  # this experiment's own trainings (ST) last: they finish last
         for seed in args.seeds:
             if not _finished(_run_dir(args, key, seed), args.epochs):
                 continue
@@ -128,6 +132,9 @@ def _exports(args: argparse.Namespace) -> List[Tuple[Path, List[str]]]:
 
 def _run(job: Tuple[Path, List[str]], log: Path, timings: Dict[str, float]) -> None:
     target, cmd = job
+    if log.is_file() and time.time() - log.stat().st_mtime < BUSY_SECONDS:
+        print(f'skip {target.name}: its log was written in the last {BUSY_SECONDS} s (another invocation runs it)')
+        return
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f'[{datetime.datetime.utcnow():%H:%M:%S}] start {target.name}', flush=True)
     start = time.time()
@@ -187,21 +194,23 @@ def collect(args: argparse.Namespace) -> List[Dict[str, object]]:
 def _mean_std(values: List[float]) -> str:
     if not values:
         return 'n/a'
-    std = statistics.stdev(values) if len(values) > 1 else float('nan')
-    return f'{statistics.mean(values):.2f} ± {std:.2f}'
+    if len(values) == 1:
+        return f'{values[0]:.2f} (n=1)'
+    return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}' + (f' (n={len(values)})'
+                                                                               if len(values) < 3 else '')
 
 
 def table(args: argparse.Namespace, rows: List[Dict[str, object]]) -> str:
-    cols = [(kind, mode) for kind in STIM_RUNS for mode in MODES] + [(SCRATCH, 'as trained')]
-    header = ['depths'] + [f'{kind}, {mode}' for kind, mode in cols]
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(['---'] + ['---:'] * len(cols)) + '|']
-    for depths in [*args.depths, FULL]:
-        cells = [depths]
-        for kind, mode in cols:
-            values = [r['top1'] for r in rows if r['depths'] == depths and r['model'] == kind and r['bn'] == mode
+    """Markdown table: one line per (model, BN statistics), one column per depth; mean ± std over seeds."""
+    depths = [*args.depths, FULL]
+    header = ['model', 'BN statistics', *depths]
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(['---', '---'] + ['---:'] * len(depths)) + '|']
+    for kind, mode in [(kind, mode) for kind in STIM_RUNS for mode in MODES] + [(SCRATCH, 'as trained')]:
+        cells = [kind, mode]
+        for d in depths:
+            values = [r['top1'] for r in rows if (r['depths'], r['model'], r['bn']) == (d, kind, mode)
                       and r['top1'] is not None]
-            cell = _mean_std(values)
-            cells.append(cell + (f' (n={len(values)})' if values and len(values) != len(args.seeds) else ''))
+            cells.append('—' if kind == SCRATCH and d == FULL else _mean_std(values))
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
