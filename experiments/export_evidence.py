@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loafing_digits import finished_run  # noqa: E402  (the same restart rule as the loafing experiment)
 
 # model kind -> (folder key, train_stim.py flags); exports are taken from these runs
 # (ST++ min scale given explicitly: its preset at 32 px is 1 today, and was 0.43 when older runs were trained)
@@ -73,14 +75,6 @@ def _env() -> Dict[str, str]:
     return env
 
 
-def _finished(run_dir: Path, epochs: int) -> bool:
-    summary = run_dir / 'summary.csv'
-    if not (summary.is_file() and (run_dir / 'last.pth.tar').is_file()):
-        return False
-    with summary.open(newline='') as f:
-        return len(list(csv.DictReader(f))) >= epochs
-
-
 def _scratch_key(depths: str) -> str:
     return 'scratch-' + depths.replace(',', '')
 
@@ -89,7 +83,7 @@ def _run_dir(args: argparse.Namespace, key: str, seed: int) -> Path:
     """A finished run under --reuse-dir if there is one, else this experiment's own folder."""
     if args.reuse_dir:
         reused = Path(args.reuse_dir) / f'{key}-s{seed}'
-        if _finished(reused, args.epochs):
+        if finished_run(reused, args.epochs):
             return reused
     return Path(args.work_dir) / 'train' / f'{key}-s{seed}'
 
@@ -118,7 +112,7 @@ def _exports(args: argparse.Namespace) -> List[Tuple[Path, List[str]]]:
     jobs = []
     for key, _ in reversed(STIM_RUNS.values()):  # this experiment's own trainings (ST) last: they finish last
         for seed in args.seeds:
-            if not _finished(_run_dir(args, key, seed), args.epochs):
+            if not finished_run(_run_dir(args, key, seed), args.epochs):
                 continue
             for mode in MODES:
                 out = _export_dir(args, key, seed, mode)
@@ -171,7 +165,7 @@ def _export_top1(out: Path, depths: str) -> Optional[float]:
 
 
 def _scratch_top1(run_dir: Path, epochs: int) -> Optional[float]:
-    if not _finished(run_dir, epochs):
+    if not finished_run(run_dir, epochs):
         return None
     return float(_read_csv(run_dir / 'summary.csv')[-1]['eval_top1'])
 
@@ -229,7 +223,7 @@ def main(argv: Sequence[str] = None) -> int:
     start = time.time()
     if not args.report_only:
         if not args.exports_only:
-            todo = [job for job in _trainings(args) if not _finished(job[0], args.epochs)]
+            todo = [job for job in _trainings(args) if not finished_run(job[0], args.epochs)]
             _run_all(todo, work / 'logs', args.parallel, timings)
         todo = [job for job in _exports(args) if not (job[0] / 'subnets.csv').is_file()]
         _run_all(todo, work / 'logs', args.parallel, timings)

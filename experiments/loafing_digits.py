@@ -98,7 +98,8 @@ def _run_dir(args: argparse.Namespace, variant: str, seed: int) -> Path:
     return Path(args.work_dir) / 'train' / f'{VARIANTS[variant][0]}-s{seed}'
 
 
-def _finished(run_dir: Path, epochs: int) -> bool:
+def finished_run(run_dir: Path, epochs: int) -> bool:
+    """A training run with all `epochs` summary rows and its last checkpoint (not retrained on a restart)."""
     summary = run_dir / 'summary.csv'
     if not (summary.is_file() and (run_dir / 'last.pth.tar').is_file()):
         return False
@@ -142,7 +143,7 @@ def train_all(args: argparse.Namespace) -> Dict[str, float]:
     for seed in args.seeds:  # seed by seed, so that an interrupted run leaves complete seeds
         for variant in sorted(args.variants, key=_ORDER.index):
             run_dir = _run_dir(args, variant, seed)
-            if not args.retrain and _finished(run_dir, args.epochs):
+            if not args.retrain and finished_run(run_dir, args.epochs):
                 print(f'  skip {run_dir.name}: finished run exists', flush=True)
                 continue
             jobs.append((run_dir.name, _train_command(args, variant, seed), run_dir.parent / f'{run_dir.name}.log'))

@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
 import train_stim  # noqa: E402
 
 # A few steps per epoch: 256 of the 1438 train digits (all 359 val), batch 32, one loader process.
-FAST = ['--train-num-samples', '256', '-b', '32', '--workers', '0',
+FAST = ['--train-num-samples', '256', '--val-num-samples', '96', '-b', '32', '--workers', '0',
         '--log-interval', '2', '--device', 'cpu']
 
 

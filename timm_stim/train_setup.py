@@ -216,9 +216,13 @@ def create_datasets(args, data_config) -> list:
     if args.val_split:
         val = create_dataset_or_digits(args.dataset, args.data_dir, args.val_split, is_training=False,
                                        num_samples=args.val_num_samples, **kwargs)
-    num = args.train_num_samples  # timm ignores it for map-style datasets; here it takes a fixed random subset
+    # timm ignores --train/val-num-samples for map-style datasets; here they take a fixed random subset
+    num = args.train_num_samples
     if num and not isinstance(train, torch.utils.data.IterableDataset) and num < len(train):
         train = FixedSubset(train, num, seed=0)
+    num = args.val_num_samples
+    if val is not None and num and not isinstance(val, torch.utils.data.IterableDataset) and num < len(val):
+        val = FixedSubset(val, num, seed=0)
     for name, dataset in (('training', train), ('validation', val)):
         check_first_image(dataset, name, args)
     if args.aug_splits > 1:  # AugMix: several augmented views of each image (plain training only)
