@@ -105,6 +105,7 @@ def _compiled_runner(task):
     return (module.compiled, None) if module.compile_subnets else (module.module, module.compiled)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scope', ['full', 'subnets'])
 def test_compiled_matches_eager(dynamo_clean, scope):
     """Same draws (subnets and sizes), same weights: compiled and eager losses, gradients and BN stats agree.
@@ -148,6 +149,7 @@ def test_compiled_matches_eager(dynamo_clean, scope):
     assert not dynamo_clean.messages, dynamo_clean.messages
 
 
+@pytest.mark.slow
 def test_full_scope_compiles_one_graph(dynamo_clean):
     """scope='full' (train_stim.py's default): 12 ST++ steps with random depths and sizes compile exactly one
     graph (the full network at the full size); subnets run eagerly, nothing recompiles; the parameters
@@ -167,6 +169,7 @@ def test_full_scope_compiles_one_graph(dynamo_clean):
     assert not dynamo_clean.messages, dynamo_clean.messages
 
 
+@pytest.mark.slow
 def test_subnets_scope_one_graph_per_subnet_and_size(dynamo_clean):
     """scope='subnets' with bucketed sizes: one graph per distinct (subnet, size) met plus the full pass, never
     more than the bound compile() announced, and no fall-back to eager (no recompile-limit hit)."""

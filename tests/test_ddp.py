@@ -124,6 +124,7 @@ def ddp_results(tmp_path_factory):
     return out, _load_worker(worker)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('lean', [0, 1])
 def test_ddp_matches_single_process(ddp_results, lean):
     results, worker = ddp_results
@@ -149,6 +150,7 @@ def test_ddp_matches_single_process(ddp_results, lean):
         torch.testing.assert_close(r0['grads'][k], g, rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow
 def test_ddp_lean_equals_non_lean(ddp_results):
     results, _ = ddp_results
     a, b = results[(0, 0)], results[(0, 1)]

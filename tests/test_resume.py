@@ -31,6 +31,7 @@ def _digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical_and_bad_checkpoints_are_refused(tmp_path, capsys):
     out = tmp_path / 'out'
     full = run_train(*RECIPE, '--output', out, '--experiment', 'full')

@@ -2,6 +2,7 @@
 import socket
 import sys
 
+import pytest
 import yaml
 
 from test_train_stim import FAST, load_ckpt, read_summary, run_train
@@ -13,6 +14,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     out = tmp_path / 'out'
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',

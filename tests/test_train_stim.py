@@ -49,6 +49,7 @@ def load_ckpt(path: Path) -> dict:
         return torch.load(path, map_location='cpu', weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('stim', ['st++', 'none'])
 def test_embedded_default_one_epoch(tmp_path, stim):
     out = tmp_path / 'out'
@@ -80,6 +81,7 @@ def test_embedded_default_one_epoch(tmp_path, stim):
     assert 'Acc@1' in res.stdout and 'error' not in res.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('stim,scope', [('st++', 'full'), ('st++', 'subnets'), ('none', 'full')])
 def test_torchcompile(tmp_path, stim, scope):
     """--torchcompile (dynamo + AOT autograd, eager kernels: inductor's C++ build takes minutes here) under
@@ -124,6 +126,7 @@ def _bad_inputs(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     for argv, message in _bad_inputs(tmp_path):
         out = tmp_path / 'out'
@@ -135,6 +138,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
         assert not out.exists(), argv
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     # Epoch 0 trains normally; the step schedule then multiplies the lr by 1e30 and the loss blows up in epoch 1.
     out = tmp_path / 'out'
