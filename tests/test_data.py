@@ -167,3 +167,13 @@ def test_factory_passes_timm_args(tmp_path, monkeypatch):
     assert out == 'ds'
     assert calls == [('torch/cifar10', dict(
         root=str(tmp_path / 'dl'), split='train', is_training=True, download=True, batch_size=32))]
+
+
+def test_fixed_subset_cuts_map_style_datasets_only_when_smaller():
+    """--train-num-samples / --val-num-samples: a fixed (seeded) subset of a map-style dataset, else unchanged."""
+    from timm_stim.data import DigitsDataset, FixedSubset, fixed_subset
+    full = DigitsDataset('validation')
+    cut = fixed_subset(full, 64, seed=0)
+    assert isinstance(cut, FixedSubset) and len(cut) == 64
+    assert cut.indices == fixed_subset(full, 64, seed=0).indices != fixed_subset(full, 64, seed=1).indices
+    assert fixed_subset(full, len(full) + 1) is full and fixed_subset(full, None) is full

@@ -23,7 +23,8 @@ from .checkpoint import DATA_CONFIG_KEYS
 
 __all__ = [
     'DIGITS_INFO', 'DIGITS_SPLIT_SEED', 'DIGITS_VAL_FRACTION', 'DataConfigError', 'DigitsDataset', 'FixedSubset',
-    'create_dataset_or_digits', 'create_eval_loader', 'digits_split_indices', 'is_digits', 'resolve_eval_data_config',
+    'create_dataset_or_digits', 'create_eval_loader', 'digits_split_indices', 'fixed_subset', 'is_digits',
+    'resolve_eval_data_config',
 ]
 
 DIGITS_SPLIT_SEED = 42  # seed of the fixed train / validation split (numpy RandomState, stable across versions)
@@ -352,6 +353,14 @@ def resolve_eval_data_config(
     return timm.data.resolve_data_config(merged, model=model)
 
 
+def fixed_subset(dataset, num_samples: Optional[int], seed: int = 0):
+    """`dataset` cut to a `FixedSubset` of `num_samples` images; unchanged when it is iterable, no larger, or no
+    number is given (timm's --train/val-num-samples only size iterable datasets; here they cut map-style ones)."""
+    if num_samples and not isinstance(dataset, torch.utils.data.IterableDataset) and num_samples < len(dataset):
+        return FixedSubset(dataset, num_samples, seed)
+    return dataset
+
+
 def create_eval_loader(
         dataset: str = '',
         data_dir: Optional[str] = None,
@@ -376,8 +385,7 @@ def create_eval_loader(
         input_size, is_training=False, interpolation=config.get('interpolation', 'bilinear'),
         mean=config.get('mean', timm.data.IMAGENET_DEFAULT_MEAN), std=config.get('std', timm.data.IMAGENET_DEFAULT_STD),
         crop_pct=config.get('crop_pct'), crop_mode=config.get('crop_mode'))
-    if num_samples and not isinstance(ds, torch.utils.data.IterableDataset) and num_samples < len(ds):
-        ds = FixedSubset(ds, num_samples, seed)
+    ds = fixed_subset(ds, num_samples, seed)
     pin = torch.device(device).type == 'cuda' if device is not None else False
     return torch.utils.data.DataLoader(
         ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin, drop_last=False,

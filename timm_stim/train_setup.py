@@ -24,7 +24,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import NativeScaler, init_distributed_device, set_jit_fuser
 
 from .cli import UsageError, one_line
-from .data import DIGITS_INFO, FixedSubset, create_dataset_or_digits, is_digits
+from .data import DIGITS_INFO, create_dataset_or_digits, fixed_subset, is_digits
 from .sizes import smaller_input_kwargs
 from .stimulator import Stimulator, create_stim_config
 from .task import StimulativeTask
@@ -217,12 +217,8 @@ def create_datasets(args, data_config) -> list:
         val = create_dataset_or_digits(args.dataset, args.data_dir, args.val_split, is_training=False,
                                        num_samples=args.val_num_samples, **kwargs)
     # timm ignores --train/val-num-samples for map-style datasets; here they take a fixed random subset
-    num = args.train_num_samples
-    if num and not isinstance(train, torch.utils.data.IterableDataset) and num < len(train):
-        train = FixedSubset(train, num, seed=0)
-    num = args.val_num_samples
-    if val is not None and num and not isinstance(val, torch.utils.data.IterableDataset) and num < len(val):
-        val = FixedSubset(val, num, seed=0)
+    train = fixed_subset(train, args.train_num_samples)
+    val = fixed_subset(val, args.val_num_samples) if val is not None else None
     for name, dataset in (('training', train), ('validation', val)):
         check_first_image(dataset, name, args)
     if args.aug_splits > 1:  # AugMix: several augmented views of each image (plain training only)
