@@ -26,6 +26,7 @@ import sys
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
+from typing import Optional
 
 import numpy as np
 import torch
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
         return report_error(e, 2)
     except (TrainingDiverged, HubPushError) as e:
         return report_error(e, 1)
-    except (RuntimeError, OSError, ValueError) as e:  # e.g. out of memory, a full disk, an unreadable image
+    except (RuntimeError, OSError, ValueError, AssertionError) as e:  # out of memory, a full disk, a bad image
         message = (f'{type(e).__name__} while training: {one_line(e)[:400]}; the last checkpoint in the '
                    f'output folder is intact (resume with --resume)')
         return report_error(RuntimeError(message), 1)
@@ -144,12 +145,13 @@ def train(args) -> int:
     amp_autocast, loss_scaler = create_amp(args, device, model_dtype)
     datasets = create_datasets(args, data_config)
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    loader_train, loader_eval, mixup_fn = create_loaders(args, data_config, datasets, device, mixup_active,
-                                                         model_dtype)
-    resolve_lr(args)  # without --lr: timm's scaling of --lr-base to the global batch
+    patch_size = model.get_patch_size() if args.naflex_loader and hasattr(model, 'get_patch_size') else None
+    loaders = create_loaders(args, data_config, datasets, device, mixup_active, model_dtype, patch_size)
+    loader_train, loader_eval = loaders.train, loaders.eval
+    resolve_lr(args, loaders.batch_reference)  # without --lr: timm's scaling of --lr-base to the global batch
     task = create_task(args, model, stimulator, create_criterion(args, mixup_active), device, model_dtype,
                        loss_scaler)
-    optimizer = create_optimizer(args, model)
+    optimizer = create_optimizer(args, model, task.criterion)
     if args.model_ema:  # before --resume, which restores it; the EMA is what eval_* reports, as in timm
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                        device='cpu' if args.model_ema_force_cpu else None)
@@ -176,7 +178,8 @@ def train(args) -> int:
         set_loader_epoch(loader_train, epoch)  # samplers and iterable datasets reshuffle per epoch
         task.set_stim_enabled(epoch >= args.stim_start_epoch)  # before --stim-start-epoch: plain training
         train_metrics = train_one_epoch(epoch, task, loader_train, optimizer, args, device, loss_scaler,
-                                        amp_autocast, lr_scheduler, saver, mixup_fn, model_dtype, output_dir)
+                                        amp_autocast, lr_scheduler, saver, loaders.mixup_fn, model_dtype, output_dir,
+                                        loaders.loss_scale, loaders.batch_reference)
         if (epoch + 1) % args.val_interval and epoch + 1 != num_epochs:  # timm: no eval, no checkpoint
             _logger.info(f'Epoch {epoch}: no evaluation or checkpoint (--val-interval {args.val_interval})')
             if lr_scheduler is not None:
@@ -247,10 +250,14 @@ def set_loader_epoch(loader, epoch: int) -> None:
 
 
 def train_one_epoch(epoch, task, loader, optimizer, args, device, loss_scaler=None, amp_autocast=nullcontext,
-                    lr_scheduler=None, saver=None, mixup_fn=None, model_dtype=None,
-                    output_dir=None) -> OrderedDict:
+                    lr_scheduler=None, saver=None, mixup_fn=None, model_dtype=None, output_dir=None,
+                    loss_scale='none', batch_reference=None) -> OrderedDict:
     """One epoch: a forward (full net + subnets) and a backward per batch, an update every
-    --grad-accum-steps batches."""
+    --grad-accum-steps batches.
+
+    With batches of varying size (--train-img-sizes, --naflex-loader), `loss_scale` ('sqrt' / 'linear') scales
+    each batch's loss by its size relative to `batch_reference`, as timm does.
+    """
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         if mixup_fn is not None:
             mixup_fn.mixup_enabled = False
@@ -268,29 +275,33 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, loss_scaler=No
     step_time, data_time = AverageMeter(), AverageMeter()
     bar = _progress_bar(loader, args, f'Train {epoch}')
     last_log, last_log_updates, end = time.time(), num_updates, time.time()
-    grad_steps = None  # accumulation steps the task's in-forward subnet backward divides by
+    grad_steps = None  # (accumulation steps, loss scale) last given to the task for in-forward subnet backward
     optimizer.zero_grad()
     for batch_idx, (input, target) in enumerate(bar or loader):
         data_time.update(time.time() - end)
         need_update = batch_idx == num_batches - 1 or (batch_idx + 1) % accum == 0
         steps = last_accum if batch_idx >= num_batches - last_accum else accum
         if args.no_prefetcher:  # the prefetcher has already moved (and mixed) the batch
-            input, target = input.to(device=device, dtype=model_dtype), target.to(device=device)
+            input, target = to_device(input, device, model_dtype), target.to(device=device)
             if mixup_fn is not None:
                 input, target = mixup_fn(input, target)
-        if args.channels_last:
+        if args.channels_last and torch.is_tensor(input):
             input = input.contiguous(memory_format=torch.channels_last)
-        # Memory-lean subnets back-propagate inside forward, so the task divides by the accumulation steps
-        # itself: a Python number, set when it changes (no host-device sync; the AMP scale was given once).
-        if stimulator is not None and steps != grad_steps:
-            task.set_grad_multiplier(1.0 / steps)
-            grad_steps = steps
+        n = batch_size(input)
+        scale = batch_loss_scale(n, loss_scale, batch_reference, args, device)
+        # Memory-lean subnets back-propagate inside forward, so the task scales by 1 / accumulation steps (and the
+        # batch's loss scale) itself: set when it changes, no host-device sync (the AMP scale was given once).
+        if stimulator is not None and (torch.is_tensor(scale) or (steps, scale) != grad_steps):
+            task.set_grad_multiplier(scale / steps)
+            grad_steps = (steps, scale)
 
         # DDP all-reduces the gradients on the last micro-step of an accumulation only.
         with task.no_sync() if not need_update else nullcontext():
             with amp_autocast():
                 out = task(input, target)
             loss = out['loss'] / steps
+            if loss_scale != 'none':
+                loss = scale * loss
             params = task.get_clip_parameters(exclude_head='agc' in args.clip_mode)
             if loss_scaler is not None:
                 loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
@@ -303,7 +314,6 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, loss_scaler=No
                     optimizer.step()
 
         # Running sums stay on the device: read back (one sync) only at log points.
-        n = input.shape[0]
         count += n
         stim_loss = out.get('stim_loss', 0 * out['main_loss'])
         sums += torch.stack([out['loss'].detach(), out['main_loss'], stim_loss]) * n
@@ -333,7 +343,7 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, loss_scaler=No
                     f'LR: {sum(lrs) / len(lrs):.3e}  Data: {data_time.avg:.3f}s')
             if args.rank == 0:
                 (bar.write if bar else _logger.info)(text)
-                if args.save_images and output_dir:
+                if args.save_images and output_dir and torch.is_tensor(input):
                     _save_batch_image(input, os.path.join(output_dir, f'train-batch-{batch_idx}.jpg'))
         # --recovery-interval: every N updates; as in timm, a recovery checkpoint resumes at the next epoch
         if saver is not None and args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0 \
@@ -363,6 +373,34 @@ def _progress_bar(loader, args, desc):
     if args.rank != 0 or not sys.stdout.isatty():
         return None
     return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def to_device(input, device, dtype=None):
+    """A batch on the device: an image tensor (cast to `dtype`) or a NaFlex dict (its float tensors cast)."""
+    if isinstance(input, dict):
+        return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in input.items()}
+    return input.to(device=device, dtype=dtype)
+
+
+def batch_size(input) -> int:
+    """Images in a batch: an NCHW tensor or a NaFlex dict of patch sequences."""
+    return (input['patches'] if isinstance(input, dict) else input).shape[0]
+
+
+def batch_loss_scale(n: int, mode: str, reference: Optional[float], args, device):
+    """timm's per-batch loss scale for batches of varying size: 1, n / reference or its square root.
+
+    Under DDP with NaFlex batches (whose size differs per rank) it also weighs this rank by its share of the
+    global batch: a small all-reduce, whose result stays on the device.
+    """
+    if mode == 'none' or reference is None:
+        return 1.0
+    scale = n / reference if mode == 'linear' else (n / reference) ** 0.5
+    if args.distributed and args.naflex_loader:
+        total = torch.tensor(float(n), device=device)
+        torch.distributed.all_reduce(total)
+        scale = scale * args.world_size * n / total
+    return scale
 
 
 def _save_batch_image(input, path: str) -> None:
@@ -411,7 +449,8 @@ def evaluate(epoch, task, loader_train, loader_eval, args, device, amp_autocast=
                          f'per process')
         if distribute:  # --dist-bn: every rank evaluates with the same BN statistics
             distribute_bn(net, args.world_size, args.dist_bn == 'reduce')
-        eval_metrics = validate(net, loader_eval, args, amp_autocast, model_dtype)
+        eval_metrics = validate(net, loader_eval, args, amp_autocast, model_dtype,
+                                log_suffix=' (EMA)' if name == 'EMA' else '')
         check_finite_metrics(epoch, eval_metrics, f'{name} validation')
         _logger.info(f"Eval{' (EMA)' if name == 'EMA' else ''}: {epoch}  Loss: {eval_metrics['loss']:.4f}  "
                      f"Acc@1: {eval_metrics['top1']:.2f}  Acc@5: {eval_metrics['top5']:.2f}")
@@ -419,17 +458,20 @@ def evaluate(epoch, task, loader_train, loader_eval, args, device, amp_autocast=
 
 
 @torch.no_grad()
-def validate(model, loader, args, amp_autocast=nullcontext, model_dtype=None) -> OrderedDict:
-    """Loss and top-1/top-5 (%) of the full network on the validation set, summed exactly over ranks."""
+def validate(model, loader, args, amp_autocast=nullcontext, model_dtype=None, log_suffix='') -> OrderedDict:
+    """Loss and top-1/top-5 (%) of the full network on the validation set, summed exactly over ranks.
+
+    Logs timm's `Test:` line every --log-interval batches and at the last (this process's running values).
+    """
     model.eval()
     # Under DDP the sampler pads the last batches: count only the first num_valid_samples images.
     limit = getattr(loader.sampler, 'num_valid_samples', None) if args.distributed else None
     sums = torch.zeros(4, dtype=torch.float64, device=args.device)  # loss, top-1 hits, top-5 hits, samples
-    seen = 0
-    for input, target in loader:
+    seen, last_idx, start = 0, len(loader) - 1, time.time()
+    for batch_idx, (input, target) in enumerate(loader):
         if args.no_prefetcher:
-            input, target = input.to(device=args.device, dtype=model_dtype), target.to(device=args.device)
-        if args.channels_last:
+            input, target = to_device(input, args.device, model_dtype), target.to(device=args.device)
+        if args.channels_last and torch.is_tensor(input):
             input = input.contiguous(memory_format=torch.channels_last)
         with amp_autocast():
             output = model(input)
@@ -443,11 +485,22 @@ def validate(model, loader, args, amp_autocast=nullcontext, model_dtype=None) ->
         if n:
             top1, top5 = accuracy(output, target, topk=(1, min(5, output.shape[-1])))
             loss = nn.functional.cross_entropy(output, target)
-            sums += torch.stack([loss, top1 / 100, top5 / 100, torch.ones_like(loss)]).double() * n
+            batch = torch.stack([loss, top1 / 100, top5 / 100, torch.ones_like(loss)]).double() * n
+            sums += batch
+            if args.rank == 0 and (batch_idx % args.log_interval == 0 or batch_idx == last_idx):
+                _log_test_line(batch_idx, last_idx, batch.tolist(), sums.tolist(), start, log_suffix)
     if args.distributed:
         torch.distributed.all_reduce(sums)
     loss, top1, top5, n = sums.tolist()
     return OrderedDict(loss=loss / max(n, 1), top1=100 * top1 / max(n, 1), top5=100 * top5 / max(n, 1))
+
+
+def _log_test_line(batch_idx: int, last_idx: int, batch: list, running: list, start: float, suffix: str) -> None:
+    """timm's per-interval validation line: this batch's loss and accuracy, then the running mean."""
+    now, mean = [v / batch[3] for v in batch[:3]], [v / running[3] for v in running[:3]]
+    _logger.info(f'Test{suffix}: [{batch_idx:>4d}/{last_idx}]  Time: {(time.time() - start) / (batch_idx + 1):.3f}s  '
+                 f'Loss: {now[0]:>7.3f} ({mean[0]:>6.3f})  Acc@1: {100 * now[1]:>7.3f} ({100 * mean[1]:>7.3f})  '
+                 f'Acc@5: {100 * now[2]:>7.3f} ({100 * mean[2]:>7.3f})')
 
 
 if __name__ == '__main__':

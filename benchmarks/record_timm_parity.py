@@ -5,15 +5,18 @@
 
 1. Writes a small PNG image folder of the built-in digits (train/ and validation/, one sub-folder per class,
    deterministic: the first N images of each class in timm_stim.data.DigitsDataset order).
-2. Runs timm's train.py on it on CPU for each config in CONFIGS (2 epochs of resnet10t at 32 px, one loader
-   process, one thread) and records every summary.csv row -> tests/data/timm_parity.json, with the exact
-   command, the timm / torch / Python versions and the date.
-3. Records every flag of timm's train.py (option strings, dest, default) -> tests/data/timm_flags.json, by
+2. Writes the distillation teachers (TEACHERS: timm model folders with weights from a fixed seed, for
+   `--kd-model-name local-dir:...`).
+3. Runs timm's train.py on it on CPU for each config in CONFIGS (2 epochs of resnet10t at 32 px unless a config
+   names another model, one loader process, one thread) and records every summary.csv row ->
+   tests/data/timm_parity.json, with the exact command, the timm / torch / Python versions and the date.
+4. Records every flag of timm's train.py (option strings, dest, default) -> tests/data/timm_flags.json, by
    building its parser (importing the script runs no training).
-4. Keeps the args.yaml timm wrote for the first config -> tests/data/timm_args.yaml (a real timm args.yaml that
+5. Keeps the args.yaml timm wrote for the first config -> tests/data/timm_args.yaml (a real timm args.yaml that
    train_stim.py -c must accept unchanged).
 
-The test writes the same folder with `write_digits_folder` and runs `train_stim.py --stim none` with the same flags.
+The test writes the same folders with `write_digits_folder` / `write_teacher_folders` and runs
+`train_stim.py --stim none` with the same flags.
 """
 import argparse
 import csv
@@ -47,7 +50,28 @@ CONFIGS = {
                                          '--grad-accum-steps', '2', '--clip-grad', '1.0', '--reprob', '0.25',
                                          '--drop-path', '0.1', '--sched', 'cosine', '--sched-on-updates',
                                          '--warmup-epochs', '1'],
+    # timm's scheduled-resolution loader: two sizes, two batch sizes, per-batch linear loss scale
+    'scheduled_sizes': ['--opt', 'sgd', '--lr', '0.05', '--sched', 'cosine', '--warmup-epochs', '0',
+                        '--train-img-sizes', '24', '32', '--train-batch-sizes', '48', '32',
+                        '--variable-batch-loss-scale', 'linear'],
+    # knowledge distillation from the teachers write_teacher_folders makes ({teachers} = their folder)
+    'kd_logit': ['--opt', 'sgd', '--lr', '0.05', '--sched', 'cosine', '--warmup-epochs', '0',
+                 '--kd-model-name', 'local-dir:{teachers}/resnet10t', '--task-loss-weight', '0.5',
+                 '--kd-temperature', '2'],
+    'kd_feature_projection': ['--opt', 'adamw', '--lr', '1e-3', '--weight-decay', '0.05', '--sched', 'cosine',
+                              '--warmup-epochs', '0', '--kd-model-name', 'local-dir:{teachers}/vit',
+                              '--kd-distill-type', 'feature', '--distill-loss-weight', '0.5'],
+    'kd_token': ['--model', 'deit_tiny_distilled_patch16_224', '--model-kwargs', 'depth=2', 'img_size=32',
+                 '--opt', 'adamw', '--lr', '1e-3', '--sched', 'cosine', '--warmup-epochs', '0',
+                 '--kd-model-name', 'local-dir:{teachers}/resnet10t', '--kd-distill-type', 'token'],
+    # timm's NaFlex loader (patch sequences of 4 and 16 patches) on a small NaFlex ViT
+    'naflex': ['--model', 'naflexvit_base_patch16_gap', '--model-kwargs', 'embed_dim=64', 'depth=2', 'num_heads=2',
+               '--opt', 'adamw', '--lr', '1e-3', '--sched', 'cosine', '--warmup-epochs', '0', '--naflex-loader',
+               '--naflex-train-seq-lens', '4', '16', '--naflex-max-seq-len', '4'],
 }
+
+# Distillation teachers: (architecture, timm.create_model kwargs), weights from a fixed seed.
+TEACHERS = {'resnet10t': ('resnet10t', {}), 'vit': ('vit_tiny_patch16_224', dict(img_size=32, depth=2))}
 
 
 def write_digits_folder(root, per_class: dict = None) -> Path:
@@ -65,6 +89,24 @@ def write_digits_folder(root, per_class: dict = None) -> Path:
             image.save(folder / f'{index:04d}.png')
             written[label] = written.get(label, 0) + 1
     return root
+
+
+def write_teacher_folders(root) -> Path:
+    """Each TEACHERS model (10 classes, seed 0) as a timm model folder root/<name>, for local-dir: names."""
+    import timm
+    import torch
+    from timm.models import save_for_hf
+    root = Path(root)
+    for name, (arch, kwargs) in TEACHERS.items():
+        torch.manual_seed(0)
+        model = timm.create_model(arch, num_classes=10, **kwargs)
+        save_for_hf(model, str(root / name), model_config=dict(num_classes=10, **kwargs))
+    return root
+
+
+def config_flags(flags: list, teachers) -> list:
+    """A config's flags with {teachers} replaced by the teacher folder."""
+    return [flag.replace('{teachers}', str(teachers)) for flag in flags]
 
 
 def read_summary(path) -> list:
@@ -109,8 +151,9 @@ def main(argv=None) -> int:
                   per_class=PER_CLASS, common=COMMON, configs={})
     with tempfile.TemporaryDirectory() as tmp:
         data = write_digits_folder(Path(tmp) / 'digits')
+        teachers = write_teacher_folders(Path(tmp) / 'teachers')
         for name, flags in CONFIGS.items():
-            cmd = [sys.executable, args.timm_train, '--data-dir', str(data), *COMMON, *flags,
+            cmd = [sys.executable, args.timm_train, '--data-dir', str(data), *COMMON, *config_flags(flags, teachers),
                    '--output', str(Path(tmp) / 'out'), '--experiment', name]
             print('$ OMP_NUM_THREADS=1', ' '.join(cmd[1:]), flush=True)
             subprocess.run(cmd, env=env, check=True, cwd=Path(args.timm_train).parent)

@@ -1,7 +1,7 @@
-"""Evidence experiment: does Stimulative Training reduce network loafing? (digits, ResNet-18, CPU)
+"""Evidence experiment: does Stimulative Training reduce network loafing? (digits, ResNet-18 by default, CPU)
 
-Trains variants with the same recipe (hparams/digits_resnet18.yaml) on the embedded scikit-learn
-digits, for several seeds (default: the first four):
+Trains variants with the same recipe (hparams/digits_resnet18.yaml; `--model NAME` swaps in another timm
+model, default: the recipe's) on the embedded scikit-learn digits, for several seeds (default: the first four):
 
     baseline          --stim none
     st                --stim st                         (uniform depth, KL)
@@ -12,8 +12,8 @@ digits, for several seeds (default: the first four):
                       (subnet passes update BN running stats; re-estimated on 2000 training images before
                       every validation, so the checkpoint carries re-estimated full-net statistics)
 
-then measures every subnet of ResNet-18's ST space (16 depth vectors, full net included) of each final
-model with `python -m timm_stim.loafing`, with and without per-subnet BN re-estimation, and writes
+then measures every subnet of the model's ST space (ResNet-18: 16 depth vectors, full net included) of each
+final model with `python -m timm_stim.loafing`, with and without per-subnet BN re-estimation, and writes
 docs/results/<name>.md (table: mean +- std over seeds), .csv (every subnet of every run) and .png.
 `--eval-sizes` adds the same measurement at other image sizes (e.g. the sizes ST++ subnets were trained at).
 
@@ -23,6 +23,9 @@ docs/results/<name>.md (table: mean +- std over seeds), .csv (every subnet of ev
     # ST++ at low resolution (docs/results/stpp_lowres_32px.md; 64 px: --img-size 64 and the name _64px):
     python experiments/loafing_digits.py --variants all --eval-sizes 16 24 --name stpp_lowres_32px \
         --work-dir output/stpp_lowres_32px
+    # the same on ResNet-34 (3/4/6/3 blocks: 216 ST depth vectors); the report's text follows the model's layout:
+    python experiments/loafing_digits.py --model resnet34 --variants baseline st st++ 'st++ full-size' --epochs 3 \
+        --name stpp_lowres_32px_resnet34 --work-dir output/stpp_lowres_32px_resnet34
 
 Finished trainings (summary.csv with every epoch and last.pth.tar present) are not retrained, so an
 interrupted run can be restarted with the same command.
@@ -34,6 +37,7 @@ import csv
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -69,11 +73,16 @@ def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
     parser.add_argument('--variants', nargs='+', default=list(_DEFAULT_VARIANTS), choices=list(VARIANTS) + ['all'],
                         help="variants to train and compare ('all': every one)")
     parser.add_argument('--config', default=str(REPO / 'hparams' / 'digits_resnet18.yaml'))
+    parser.add_argument('--model', default=None,
+                        help="timm model to train (train_stim.py --model; default: the recipe's, resnet18)")
     parser.add_argument('--img-size', type=int, default=None, help='train and eval image size (default: the recipe\'s)')
     parser.add_argument('--eval-sizes', type=int, nargs='*', default=[],
                         help='also measure every subnet at these eval image sizes (BN re-estimated at that size)')
     parser.add_argument('--name', default='loafing_digits', help='results file name: <results-dir>/<name>.md/.csv/.png')
     parser.add_argument('--parallel', type=int, default=2, help='trainings run at once (one thread each)')
+    parser.add_argument('--subnets', default='all',
+                        help="ST-space subnets measured: 'all', or 'random:N' (the same N for every variant of a seed;"
+                             " for deep models whose ST space is large)")
     parser.add_argument('--bn-recal', type=int, default=500, help='training images per subnet BN re-estimation')
     parser.add_argument('--checkpoint', default='last',
                         help="'last' (default: no selection on the val split) or 'best'")
@@ -85,7 +94,74 @@ def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if 'all' in args.variants:
         args.variants = list(VARIANTS)
+    if args.model:
+        import timm
+        if not timm.is_model(args.model):
+            parser.error(f'unknown timm model {args.model!r}: give a name from timm.list_models(), e.g. resnet34')
     return args
+
+
+def model_names(args: argparse.Namespace) -> Tuple[str, str]:
+    """The timm model the runs train (--model, else the recipe's `model`, else train_stim.py's default) and the
+    name the report shows ('ResNet-34' for resnet34, otherwise the timm name)."""
+    import yaml
+    name = args.model
+    if not name:
+        with open(args.config) as f:
+            name = (yaml.safe_load(f) or {}).get('model')
+    if not name:
+        from timm_stim.train_args import build_parser
+        name = build_parser().get_default('model')
+    match = re.fullmatch(r'resnet(\d+)', name)
+    return name, (f'ResNet-{match.group(1)}' if match else name)
+
+
+def model_layout(args: argparse.Namespace):
+    """Residual-block layout of the model as trained here (10 classes, the run's image size), with a flat model's
+    blocks grouped into the pseudo-stages that training and `timm_stim.loafing` use."""
+    import timm
+    from timm_stim import find_residual_blocks
+    from timm_stim.sampler import split_flat_layout
+    size = args.img_size or 32
+    model = timm.create_model(model_names(args)[0], num_classes=10)
+    return split_flat_layout(find_residual_blocks(model, input_size=(3, size, size)))
+
+
+def depth_vectors(layout, space: str) -> List[str]:
+    """Every depth vector of an ST space on `layout`, full net first, written as loafing.csv writes them."""
+    from timm_stim.loafing import make_subnet_specs
+    staged, specs = make_subnet_specs(layout, 'all', space=space)
+    return [','.join(map(str, staged.depths(s))) for s in specs]
+
+
+def _join(words: Sequence[str]) -> str:
+    return words[0] if len(words) == 1 else ', '.join(words[:-1]) + ' and ' + words[-1]
+
+
+def _stage_names(layout) -> List[str]:
+    """'layer1', ... (the parent module of each stage's blocks), or 'stage N' where stages share one (ViT)."""
+    names = [layout.paths[layout.stage_indices(s)[0]].rpartition('.')[0] for s in range(layout.num_stages)]
+    if all(names) and len(set(names)) == len(names):
+        return names
+    return [f'stage {s + 1}' for s in range(layout.num_stages)]
+
+
+def describe_space(layout, space: str) -> str:
+    """What a space lets each stage drop, in words; ST++ on ResNet-18: 'layer1 and layer4 always full; layer2 and
+    layer3 may drop their last block'."""
+    from timm_stim.sampler import space_k_list
+    groups: Dict[int, List[str]] = {}
+    for name, k in zip(_stage_names(layout), space_k_list(layout, space)):
+        groups.setdefault(k - 1, []).append(name)
+    parts = []
+    for drop, names in sorted(groups.items()):
+        its = 'its' if len(names) == 1 else 'their'
+        if drop == 0:
+            parts.append(f'{_join(names)} always full')
+        else:
+            parts.append(f'{_join(names)} may drop {its} last block' if drop == 1 else
+                         f'{_join(names)} may drop up to {its} last {drop} blocks')
+    return '; '.join(parts)
 
 
 def _env() -> Dict[str, str]:
@@ -111,6 +187,7 @@ def _train_command(args: argparse.Namespace, variant: str, seed: int) -> List[st
     run_dir = _run_dir(args, variant, seed)
     return [sys.executable, str(REPO / 'train_stim.py'), '-c', args.config, *VARIANTS[variant][1],
             '--seed', str(seed), '--epochs', str(args.epochs), '--checkpoint-hist', '1',
+            *(['--model', args.model] if args.model else []),
             *(['--img-size', str(args.img_size)] if args.img_size else []),
             '--output', str(run_dir.parent), '--experiment', run_dir.name]
 
@@ -171,6 +248,7 @@ def _loafing_done(args: argparse.Namespace, out: Path, seed: int) -> bool:
 def loafing_all(args: argparse.Namespace) -> Dict[str, float]:
     """One `python -m timm_stim.loafing` per seed (and eval size) over all variants (all ST subnets, BN
     re-estimation on training images at the same size)."""
+    display = model_names(args)[1]
     jobs = []
     for eval_size in [None, *args.eval_sizes]:
         for seed in args.seeds:
@@ -182,10 +260,10 @@ def loafing_all(args: argparse.Namespace) -> Dict[str, float]:
             command = [sys.executable, '-m', 'timm_stim.loafing',
                        *[str(_run_dir(args, v, seed)) for v in args.variants],
                        '--labels', *[VARIANTS[v][0] for v in args.variants], '--checkpoint', args.checkpoint,
-                       '--subnets', 'all', '--space', 'st', '--bn-recal', str(args.bn_recal), '--seed', str(seed),
+                       '--subnets', args.subnets, '--space', 'st', '--bn-recal', str(args.bn_recal), '--seed', str(seed),
                        *(['--img-size', str(eval_size)] if eval_size else []),
                        '-j', '0', '-b', '128', '--device', 'cpu', '--output', str(out),
-                       '--title', f'Network loafing on digits, ResNet-18, seed {seed}{at}']
+                       '--title', f'Network loafing on digits, {display}, seed {seed}{at}']
             jobs.append((f'loafing {out.name}', command, out.parent / f'{out.name}.log'))
     print(f'loafing evaluation: {len(jobs)} reports (seeds x eval sizes)', flush=True)
     return _run_all(jobs, args.parallel)
@@ -267,14 +345,9 @@ def markdown_table(per_variant: Dict[str, Dict[str, List[float]]], deltas: bool 
     return '\n'.join(lines)
 
 
-def space_breakdown(rows: List[Dict[str, Any]], variants: Sequence[str]) -> str:
+def space_breakdown(rows: List[Dict[str, Any]], variants: Sequence[str], layout) -> str:
     """Mean subnet top-1 inside vs outside the ST++ space (the only subnets ST++ trains), mean ± std over seeds."""
-    import timm
-    from timm_stim import find_residual_blocks
-    from timm_stim.loafing import make_subnet_specs
-    layout = find_residual_blocks(timm.create_model('resnet18', num_classes=10), input_size=(3, 32, 32))
-    staged, specs = make_subnet_specs(layout, 'all', space='st++')
-    inside = {','.join(map(str, staged.depths(s))) for s in specs}
+    inside = set(depth_vectors(layout, 'st++'))
     lines = [f"| variant | inside ST++ space ({len(inside) - 1} subnets) | outside ({{n_out}} subnets) "
              f"| inside, BN re-est. | outside, BN re-est. |", '|---|---:|---:|---:|---:|']
     n_out = 0
@@ -322,8 +395,51 @@ def size_table(args: argparse.Namespace, per_size: Dict[int, Dict[str, Dict[str,
     return '\n'.join(lines)
 
 
+def setup_section(args: argparse.Namespace, layout, rel_flops: float, check: float) -> str:
+    """The report's '## Setup' section; the model facts (blocks per stage, ST space) come from `layout`."""
+    img_size = args.img_size or 32
+    display = model_names(args)[1]
+    n_st = len(depth_vectors(layout, 'st'))
+    space = f"{display}'s ST space ({describe_space(layout, 'st')})"
+    measured = (f'all {n_st} depth vectors of {space}, i.e. {n_st - 1} subnets besides the full net'
+                if args.subnets == 'all' else
+                f'{args.subnets.split(":")[1]} random depth vectors of the {n_st} of {space} (drawn per seed, the same '
+                f'for every variant) and the full net')
+    model_flag = f'`--model {args.model}`, ' if args.model else ''
+    size_flag = f' and `--img-size {img_size}`' if args.img_size else ''
+    blocks = '/'.join(map(str, layout.stage_sizes))
+    variant_list = '\n'.join(f'  - `{v}`: `{" ".join(VARIANTS[v][1])}`' for v in args.variants)
+    return f"""## Setup
+- Data: the embedded scikit-learn digits (1438 train / 359 validation images, 8x8 upsampled to {img_size} px,
+  10 classes). One validation image is 0.28 % top-1.
+- Model: {display} (timm `{model_names(args)[0]}`, 10 classes; {blocks} residual blocks per stage).
+- Recipe: `{os.path.relpath(args.config, REPO)}` (SGD, cosine, label smoothing 0.1) with
+  {model_flag}`--epochs {args.epochs}`{size_flag}, the same for every variant; seeds
+  {', '.join(map(str, args.seeds))}. One subnet per step (M = 1), train_stim.py defaults otherwise. Variants
+  (train_stim.py flags):
+{variant_list}
+- Evaluation: the `{args.checkpoint}` checkpoint of each run (no selection on the validation split);
+  {measured}, mean relative FLOPs {rel_flops:.3f}
+  (counted with FlopCounterMode at {img_size} px). "BN re-est." = BatchNorm statistics re-estimated for each subnet
+  on {args.bn_recal} training images (eval transforms, fixed per seed), on a copy of the model; without it, every
+  subnet uses the BN statistics stored in the checkpoint ("as trained").
+- Cross-check: the full-net top-1 measured here matches the training log's final eval top-1 within {check:.2f} points.
+"""
+
+
+def stpp_note(args: argparse.Namespace, layout) -> str:
+    """The sentence that introduces the inside / outside the ST++ space table."""
+    n_pp, n_st = len(depth_vectors(layout, 'st++')), len(depth_vectors(layout, 'st'))
+    measured = f'all {n_st}' if args.subnets == 'all' else f'{args.subnets.split(":")[1]} random ones of the {n_st}'
+    return (f"ST++ (`--stim st++`) trains only the {n_pp} depth vectors of its own space (on {model_names(args)[1]}: "
+            f"{describe_space(layout, 'st++')}); the table above measures {measured} of the ST space. Mean subnet "
+            f"top-1 inside vs outside the ST++ space (mean ± std over seeds):")
+
+
 def write_results(args: argparse.Namespace, timings: Dict[str, float], wall: float, command: str) -> str:
     from timm_stim.loafing_report import plot_loafing
+    display = model_names(args)[1]
+    layout = model_layout(args)
     rows, per_variant = collect(args)
     img_size = args.img_size or 32
     per_size = {img_size: per_variant}
@@ -341,13 +457,12 @@ def write_results(args: argparse.Namespace, timings: Dict[str, float], wall: flo
         writer.writerows(all_rows)
     seeds = len(args.seeds)
     plot_loafing(_mean_rows(rows), results / f'{args.name}.png',
-                 title=f'Network loafing on digits ({img_size} px), ResNet-18: every ST subnet, top-1 averaged '
+                 title=f'Network loafing on digits ({img_size} px), {display}: every ST subnet, top-1 averaged '
                        f'over {seeds} seeds')
 
     table = markdown_table(per_variant)
-    breakdown = space_breakdown(rows, list(per_variant))
+    breakdown = space_breakdown(rows, list(per_variant), layout)
     subnets = [r for r in rows if not r['is_full']]
-    n_sub = len({r['depths'] for r in subnets})
     rel_flops = statistics.fmean(r['rel_flops'] for r in subnets) if subnets else float('nan')
     check = max(abs(a - b) for m in per_variant.values() for a, b in zip(m['full_top1'], m['train_top1']))
     train_s = sum(v for k, v in timings.items() if not k.startswith('loafing'))
@@ -358,7 +473,6 @@ def write_results(args: argparse.Namespace, timings: Dict[str, float], wall: flo
         if (t := [timings[k] for k in timings if k.rsplit('-s', 1)[0] == VARIANTS[v][0]]))
     reuse_note = (f' {reused} finished runs were reused from an earlier invocation (not in these times).'
                   if reused else '')
-    variant_list = '\n'.join(f'  - `{v}`: `{" ".join(VARIANTS[v][1])}`' for v in args.variants)
     size_section = ''
     if args.eval_sizes:
         size_section = f"""
@@ -370,36 +484,19 @@ Trained at {img_size} px (mean ± std over {seeds} seeds):
 
 {size_table(args, per_size)}
 """
-    md = f"""# Network loafing on digits at {img_size} px (ResNet-18): {', '.join(args.variants)}
+    md = f"""# Network loafing on digits at {img_size} px ({display}): {', '.join(args.variants)}
 
 Does Stimulative Training make the residual subnetworks inside a network better (less "loafing"), and the
 full network with them? Measured with `timm_stim.loafing`.
 
-## Setup
-- Data: the embedded scikit-learn digits (1438 train / 359 validation images, 8x8 upsampled to {img_size} px,
-  10 classes). One validation image is 0.28 % top-1.
-- Recipe: `{os.path.relpath(args.config, REPO)}` (SGD, cosine, label smoothing 0.1) with `--epochs {args.epochs}`
-  {f'and `--img-size {img_size}`' if args.img_size else ''}, the same for every variant; seeds
-  {', '.join(map(str, args.seeds))}. One subnet per step (M = 1), train_stim.py defaults otherwise. Variants
-  (train_stim.py flags):
-{variant_list}
-- Evaluation: the `{args.checkpoint}` checkpoint of each run (no selection on the validation split);
-  all {n_sub + 1} depth vectors of ResNet-18's ST space (2/2/2/2 blocks; layer1 may drop one block, the other
-  stages their second block), i.e. {n_sub} subnets besides the full net, mean relative FLOPs {rel_flops:.3f}
-  (counted with FlopCounterMode at {img_size} px). "BN re-est." = BatchNorm statistics re-estimated for each subnet
-  on {args.bn_recal} training images (eval transforms, fixed per seed), on a copy of the model; without it, every
-  subnet uses the BN statistics stored in the checkpoint ("as trained").
-- Cross-check: the full-net top-1 measured here matches the training log's final eval top-1 within {check:.2f} points.
-
+{setup_section(args, layout, rel_flops, check)}
 ## Results (top-1 %, mean ± std over {seeds} seeds; "subnet" columns exclude the full net)
 
 {table}
 
 ![subnet top-1 vs relative FLOPs]({args.name}.png)
 
-ST++ (`--stim st++`) trains only the subnets of its own space (on ResNet-18: layer1 and layer4 always full,
-layer2 and/or layer3 may drop their second block); the table above measures all ST-space subnets. Mean subnet
-top-1 inside vs outside the ST++ space (mean ± std over seeds):
+{stpp_note(args, layout)}
 
 {breakdown}
 {size_section}

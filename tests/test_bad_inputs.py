@@ -106,7 +106,7 @@ def _cases(f):
         (T, ['--eval-metric', 'top3'], '--eval-metric must be'),
         (T, ['--stim', 'st+++'], "invalid choice: 'st+++'"),
         (T, ['--no-such-flag'], 'unrecognized arguments: --no-such-flag'),
-        (T, ['--model', 'resnet18x'], 'unknown model'),
+        (T, ['--model', 'resnet18x'], 'unknown timm model'),
         (T, ['--export-subnets', '1,x'], '--export-subnets: invalid depth vector'),
         (T, ['--export-subnets', 'pareto:0'], 'pareto:N needs N >= 1'),
         # configs of the wrong type

@@ -39,11 +39,17 @@ def digits_folder(tmp_path_factory):
                                                   PARITY['per_class'])
 
 
+@pytest.fixture(scope='module')
+def teachers(tmp_path_factory):
+    return record_timm_parity.write_teacher_folders(tmp_path_factory.mktemp('parity') / 'teachers')
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('name', list(PARITY['configs']))
-def test_stim_none_matches_timm_train(name, digits_folder, tmp_path):
+def test_stim_none_matches_timm_train(name, digits_folder, teachers, tmp_path):
     config = PARITY['configs'][name]
-    code = train_stim.main(['--data-dir', str(digits_folder), *PARITY['common'], *config['flags'], '--stim', 'none',
+    flags = record_timm_parity.config_flags(config['flags'], teachers)
+    code = train_stim.main(['--data-dir', str(digits_folder), *PARITY['common'], *flags, '--stim', 'none',
                             '--output', str(tmp_path), '--experiment', name])
     assert code == 0
     got = record_timm_parity.read_summary(tmp_path / name / 'summary.csv')
@@ -119,8 +125,17 @@ def test_own_args_yaml_keeps_timm_keys_and_unresolved_lr(digits_folder, tmp_path
 @pytest.mark.parametrize('argv, message', [
     (['--aug-splits', '3', '--jsd-loss'], '--aug-splits cannot be combined with --stim st++'),
     (['--split-bn', '--aug-splits', '2'], 'cannot be combined with --stim st++'),
-    (['--naflex-loader', '--stim', 'none'], '--naflex-loader is not supported'),
-    (['--kd-model-name', 'resnet18'], 'knowledge distillation'),
+    (['--naflex-loader', '--train-img-sizes', '24', '32'], 'alternative loader modes'),
+    (['--naflex-loader', '--stim-min-scale', '0.5'], 'smaller subnet inputs'),
+    (['--naflex-loader', '--use-multi-epochs-loader', '--stim', 'none'], '--use-multi-epochs-loader cannot'),
+    (['--train-img-sizes', '24', '32', '--train-batch-sizes', '8'], '--train-batch-sizes needs one value per'),
+    (['--train-size-probs', '1', '2'], '--train-size-probs needs one value per --train-img-sizes'),
+    (['--train-img-sizes', '4', '32'], '--train-img-sizes must all be >= 8'),
+    (['--naflex-train-seq-lens', '0', '--naflex-loader'], '--naflex-train-seq-lens must all be >= 1'),
+    (['--kd-model-name', 'resnt18'], "--kd-model-name: unknown timm model 'resnt18'"),
+    (['--kd-model-name', 'resnet18', '--kd-loss-type', 'mse'], "--kd-loss-type must be 'kl'"),
+    (['--kd-model-name', 'resnet18', '--kd-distill-type', 'feature'], 'cannot be combined with --stim st++'),
+    (['--kd-model-name', 'resnet18', '--kd-temperature', '0'], '--kd-temperature must be > 0'),
     (['--decay-milestones', '60', '30'], '--decay-milestones must be increasing'),
     (['--val-interval', '0'], '--val-interval must be >= 1'),
     (['--reprob', '1.5'], '--reprob must be in [0, 1]'),

@@ -107,7 +107,7 @@ def _bad_inputs(tmp_path):
     bad_cfg = tmp_path / 'bad.yaml'
     bad_cfg.write_text('batch_sise: 8\n')
     return [
-        (['--model', 'resnet18x'], 'unknown model'),
+        (['--model', 'resnet18x'], 'unknown timm model'),
         (['--model', 'resnet14t'], 'nothing to skip'),
         (['--stim-space', '1,2,x'], 'invalid stim space'),
         (['--stim-space', '1,2,2,1,1'], 'has 4 stages'),

@@ -14,7 +14,7 @@ from .blocks import describe_error
 
 __all__ = [
     'SizeSampler', 'SmallerInputsError', 'resize_batch', 'size_multiple', 'check_smaller_inputs',
-    'smaller_input_kwargs', 'probe_input_sizes', 'describe_kept_sizes',
+    'smaller_input_kwargs', 'probe_input_sizes', 'kept_input_sizes', 'describe_kept_sizes',
 ]
 
 
@@ -187,9 +187,20 @@ def check_smaller_inputs(model: nn.Module, sizes: Sequence[int], full_size: int,
     Returns the working sizes; the caller draws only those. Raises SmallerInputsError, naming the options that
     change the range, when no size smaller than the training size `full_size` works.
     """
+    return kept_input_sizes(model, sizes, full_size, probe_input_sizes(model, sizes, in_chans))
+
+
+def kept_input_sizes(
+        model: nn.Module, sizes: Sequence[int], full_size: int, failures: Dict[int, str]) -> Tuple[int, ...]:
+    """The sizes of `sizes` that did not fail in `failures` (from `probe_input_sizes` of these sizes or of a
+    superset); raise like `check_smaller_inputs` if none below `full_size` works.
+
+    Split from `check_smaller_inputs` so that one probe over the union of several size ranges serves each range.
+    """
     name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
-    failures = probe_input_sizes(model, sizes, in_chans)
-    kept = tuple(s for s in sorted(set(int(s) for s in sizes)) if s not in failures)
+    sizes = sorted(set(int(s) for s in sizes))
+    failures = {s: reason for s, reason in failures.items() if s in sizes}
+    kept = tuple(s for s in sizes if s not in failures)
     if not any(s < full_size for s in kept):
         smaller = sorted(s for s in failures if s < full_size)
         example = failures[smaller[0]] if smaller else failures.get(full_size, 'no smaller size requested')

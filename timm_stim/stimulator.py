@@ -13,18 +13,20 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .blocks import BlockLayout, SubnetSpec, default_input_size, find_residual_blocks
 from .bn import frozen_bn_stats
+from .distill import full_forward, main_loss
 from .losses import StimLoss
 from .sampler import SubnetSampler, split_flat_layout
 from .skip import subnet
 from .sizes import (
-    SizeSampler, SmallerInputsError, check_smaller_inputs, describe_kept_sizes, resize_batch, size_multiple,
+    SizeSampler, SmallerInputsError, describe_kept_sizes, kept_input_sizes, probe_input_sizes, resize_batch,
+    size_multiple,
 )
 
 __all__ = ['StimConfig', 'STIM_PRESETS', 'create_stim_config', 'Stimulator', 'create_stimulator',
@@ -99,8 +101,9 @@ def create_stim_config(preset: str = 'st++', **overrides) -> StimConfig:
 class Stimulator:
     """Everything a step needs to train subnetworks of one model: layout, samplers and the loss.
 
-    Built once at set-up: discovers the residual blocks, builds the sampler and the size sampler, and
-    keeps only the subnet input sizes the model takes (checked for every size before any training starts).
+    Built once at set-up: discovers the residual blocks, builds the sampler and one size sampler per full
+    (batch) size the loop may deliver, and keeps only the subnet input sizes the model takes (checked for every
+    size before any training starts).
     """
 
     def __init__(
@@ -111,7 +114,11 @@ class Stimulator:
             blocks: Optional[Sequence[str]] = None,
             full_size: Optional[int] = None,
             rank: int = 0,
+            full_sizes: Optional[Sequence[int]] = None,
     ):
+        """`full_size` is the primary training size S (default: the model's); `full_sizes` the batch heights the
+        loop may deliver (timm's --train-img-sizes; default just S, which is always included). Each gets its own
+        subnet size range [floor(r * S_i), S_i]; the resolution-dependent default r is decided on S."""
         self.config = config
         self.loss_fn = StimLoss(config.loss, config.temperature, config.amplitude)  # validates before any work
         if layout is None:
@@ -121,6 +128,10 @@ class Stimulator:
         self.layout = split_flat_layout(layout, config.pseudo_stages)  # the stages the ST/ST++ rules see
         self.sampler = SubnetSampler(self.layout, config.space, seed=config.seed, rank=rank, per_rank=config.per_rank)
         self.full_size = int(full_size or default_input_size(model)[1])
+        self.full_sizes = tuple(sorted({self.full_size, *(int(s) for s in full_sizes or ())}))
+        if len(self.full_sizes) > 1 and config.sizes:
+            raise ValueError(f'--stim-sizes fixes subnet sizes for one training size, but batches come at '
+                             f'{list(self.full_sizes)} px: drop --stim-sizes or --train-img-sizes.')
         if config.min_scale is None:  # the preset's resolution-dependent range, fixed now that S is known
             config = self.config = replace(config, min_scale=default_min_scale(self.full_size))
             if config.min_scale == 1.0 and not config.sizes:
@@ -128,20 +139,58 @@ class Stimulator:
                              f'hurt: docs/results/stpp_lowres.md); --stim-min-scale {AUTHORS_MIN_SCALE} turns them on')
         size_seed = config.seed + 1 + (7919 * rank if config.per_rank else 0)
         multiple = size_multiple(model)
-        self.size_sampler = SizeSampler(self.full_size, config.min_scale, config.sizes, multiple, size_seed)
-        if self.size_sampler.enabled:
-            requested = self.size_sampler.sizes
-            try:  # every size the sampler could draw is checked now, so no draw can fail mid-training
-                kept = check_smaller_inputs(model, requested, self.full_size, default_input_size(model)[0])
-            except SmallerInputsError as e:
-                if not config.size_fallback:
-                    raise
-                _logger.warning(f'{e} Falling back to full-size subnet inputs.')
-                kept = (self.full_size,)
-            if kept != requested:
-                self.size_sampler = SizeSampler(self.full_size, config.min_scale, kept, multiple, size_seed)
-            _logger.info(f'Subnet input sizes: {describe_kept_sizes(requested, kept)}')
+
+        def build(size: int, sizes: Optional[Sequence[int]]) -> SizeSampler:
+            # the primary keeps the seed it always had; another full size S_i gets its own fixed offset
+            seed = size_seed if size == self.full_size else size_seed + 104729 * size
+            return SizeSampler(size, config.min_scale, sizes, multiple, seed)
+
+        self.size_samplers: Dict[int, SizeSampler] = {s: build(s, config.sizes) for s in self.full_sizes}
+        requested = {s: sampler.sizes for s, sampler in self.size_samplers.items() if sampler.enabled}
+        if requested:  # every size any sampler could draw is probed now, once, so no draw can fail mid-training
+            union = sorted(set().union(*requested.values()))
+            failures = probe_input_sizes(model, union, default_input_size(model)[0])
+            for size, sizes in requested.items():
+                try:
+                    kept = kept_input_sizes(model, sizes, size, failures)
+                except SmallerInputsError as e:
+                    if not config.size_fallback:
+                        raise
+                    _logger.warning(f'{e} Falling back to full-size subnet inputs.')
+                    kept = (size,)
+                if kept != sizes:
+                    self.size_samplers[size] = build(size, kept)
+                at = f' at {size} px' if len(self.full_sizes) > 1 else ''
+                _logger.info(f'Subnet input sizes{at}: {describe_kept_sizes(sizes, kept)}')
+        self.size_sampler = self.size_samplers[self.full_size]  # the primary: S's range
         self.enabled = True
+
+    @property
+    def subnet_sizes(self) -> Tuple[int, ...]:
+        """Every subnet input size any size sampler can draw (sorted)."""
+        return tuple(sorted({s for sampler in self.size_samplers.values() for s in sampler.sizes}))
+
+    @property
+    def smaller_inputs(self) -> bool:
+        """Whether any size sampler draws sizes other than its full size."""
+        return any(sampler.enabled for sampler in self.size_samplers.values())
+
+    def size_sampler_for(self, height: Optional[int] = None) -> SizeSampler:
+        """The size sampler of batches `height` pixels high (None: the primary full size)."""
+        if height is None:
+            return self.size_sampler
+        sampler = self.size_samplers.get(int(height))
+        if sampler is None:
+            raise ValueError(f'a batch is {int(height)} px high but the stimulator knows full sizes '
+                             f'{list(self.full_sizes)}: build it with full_sizes= every training size '
+                             f'(--train-img-sizes) or feed batches at the input size.')
+        return sampler
+
+    def check_input(self, input: Any) -> None:
+        """Refuse, before any compute, an input the subnet passes cannot resize (a NaFlex patch dict)."""
+        if not isinstance(input, torch.Tensor) and self.smaller_inputs:
+            raise ValueError(f'{type(input).__name__} input: smaller subnet inputs need image tensors; NaFlex batches '
+                             f'are patch dicts: use --stim-min-scale 1')
 
     def main_logits(self, output: torch.Tensor) -> torch.Tensor:
         """Logits the main criterion sees: standardized under KL- when the recipe says so (authors' code)."""
@@ -149,14 +198,15 @@ class Stimulator:
             return self.loss_fn.transform(output)
         return output
 
-    def sample(self) -> List[Tuple[SubnetSpec, int]]:
-        """Draw (subnet, input size) for each of the step's M subnets."""
-        return [(self.sampler.sample(), self.size_sampler.sample()) for _ in range(self.config.num_subnets)]
+    def sample(self, height: Optional[int] = None) -> List[Tuple[SubnetSpec, int]]:
+        """Draw (subnet, input size) for each of the step's M subnets of a batch `height` px high (None: S)."""
+        size_sampler = self.size_sampler_for(height)
+        return [(self.sampler.sample(), size_sampler.sample()) for _ in range(self.config.num_subnets)]
 
     def subnet_loss(
             self,
             model: nn.Module,
-            input: torch.Tensor,
+            input: Union[torch.Tensor, Dict[str, torch.Tensor]],
             teacher_logits: torch.Tensor,
             draws: Optional[List[Tuple[SubnetSpec, int]]] = None,
             grad_multiplier: float = 1.0,
@@ -169,8 +219,13 @@ class Stimulator:
         subnet graph is alive at a time; the returned loss is then detached and only the full network's loss is
         back-propagated. Under torch.distributed this bypasses AccumulateGrad (`_accumulate_grads`), so DDP's
         gradient hooks fire only during that one backward, which all-reduces the sum.
+
+        Sizes are drawn from the range of the batch's height. A non-tensor input (a NaFlex patch dict) reaches the
+        subnets unchanged, with the primary full size recorded as their size; it needs smaller inputs off.
         """
-        draws = draws if draws is not None else self.sample()
+        self.check_input(input)
+        is_tensor = isinstance(input, torch.Tensor)
+        draws = draws if draws is not None else self.sample(input.shape[-2] if is_tensor else None)
         teacher = teacher_logits.detach()
         bn_ctx = frozen_bn_stats if self.config.bn == 'freeze' else (lambda m: nullcontext())
         # Gradient checkpointing recomputes blocks during backward, so a subnet's backward must run while its
@@ -181,7 +236,7 @@ class Stimulator:
         with bn_ctx(model):  # one walk over the modules per step, not per subnet (host time on small subnets)
             for spec, size in draws:
                 with subnet(model, self.layout, spec):
-                    loss = self.loss_fn(model(resize_batch(input, size)), teacher)
+                    loss = self.loss_fn(model(resize_batch(input, size) if is_tensor else input), teacher)
                     if params is not None and loss.requires_grad:
                         _accumulate_grads(loss * (self.config.weight * grad_multiplier), params)
                         loss = loss.detach()
@@ -197,14 +252,30 @@ class Stimulator:
         }
 
     def state_dict(self) -> Dict[str, Any]:
-        return {'sampler': self.sampler.state_dict(), 'size_sampler': self.size_sampler.state_dict()}
+        """Sampler states; with several full sizes every size sampler under 'size_samplers' ({str(S_i): state})."""
+        if len(self.size_samplers) == 1:  # the format of single-size runs, unchanged
+            return {'sampler': self.sampler.state_dict(), 'size_sampler': self.size_sampler.state_dict()}
+        return {
+            'sampler': self.sampler.state_dict(),
+            'size_samplers': {str(s): sampler.state_dict() for s, sampler in self.size_samplers.items()},
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore sampler states; a state with only 'size_sampler' (a single-size run) restores the primary."""
+        saved = state.get('size_samplers')
+        if saved is not None and sorted(int(s) for s in saved) != list(self.full_sizes):
+            raise ValueError(f'stimulator state was saved for full sizes {sorted(int(s) for s in saved)} but this run '
+                             f'has {list(self.full_sizes)}; resume with the same input size and --train-img-sizes.')
         self.sampler.load_state_dict(state['sampler'])
-        self.size_sampler.load_state_dict(state['size_sampler'])
+        if saved is None:
+            self.size_sampler.load_state_dict(state['size_sampler'])
+            return
+        for size, sampler_state in saved.items():
+            self.size_samplers[int(size)].load_state_dict(sampler_state)
 
     def __repr__(self) -> str:
-        return f'Stimulator({self.sampler}, {self.size_sampler}, {self.loss_fn}, M={self.config.num_subnets})'
+        size_samplers = ', '.join(str(s) for s in self.size_samplers.values())
+        return f'Stimulator({self.sampler}, {size_samplers}, {self.loss_fn}, M={self.config.num_subnets})'
 
 
 def uses_grad_checkpointing(model: nn.Module) -> bool:
@@ -253,7 +324,7 @@ def create_stimulator(model: nn.Module, config: Optional[StimConfig] = None, **k
 
 def stimulative_forward(
         model: nn.Module,
-        input: torch.Tensor,
+        input: Union[torch.Tensor, Dict[str, torch.Tensor]],
         target: torch.Tensor,
         criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         stimulator: Optional[Stimulator],
@@ -268,17 +339,19 @@ def stimulative_forward(
     it is plain training. `full_model` (e.g. `torch.compile(model)`) runs the full-network pass instead of
     `model`; the subnet passes always run `model`.
     """
-    output = (model if full_model is None else full_model)(input)
+    if stimulator is not None and stimulator.enabled:
+        stimulator.check_input(input)
+    output = full_forward(model if full_model is None else full_model, criterion, input)
     if stimulator is None or not stimulator.enabled:
-        loss = criterion(output, target)
+        loss = main_loss(criterion, output, target, input, output)
         return {'loss': loss, 'output': output, 'main_loss': loss.detach(), 'draws': []}
-    main_loss = criterion(stimulator.main_logits(output), target)
+    main = main_loss(criterion, stimulator.main_logits(output), target, input, output)
     stim_loss, draws = stimulator.subnet_loss(model, input, output, draws, grad_multiplier)
-    loss = main_loss + stimulator.config.weight * stim_loss
+    loss = main + stimulator.config.weight * stim_loss
     return {
         'loss': loss,
         'output': output,
-        'main_loss': main_loss.detach(),
+        'main_loss': main.detach(),
         'stim_loss': stim_loss.detach(),
         'draws': draws,
     }

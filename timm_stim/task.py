@@ -44,11 +44,12 @@ class StimulativeModule(nn.Module):
         object.__setattr__(self, 'compiled', compiled)
         self.compile_subnets = subnets
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
+    def forward(self, input: Any, target: torch.Tensor) -> Dict[str, Any]:
         multiplier = self.grad_multiplier
         if self.grad_scaler is not None and self.stimulator is not None and torch.is_grad_enabled():
             # the AMP scale stays on the device: reading it as a number would sync host and device every step
-            multiplier = self.grad_scaler.scale(input.new_full((), multiplier, dtype=torch.float32))
+            multiplier = self.grad_scaler.scale(torch.as_tensor(multiplier, dtype=torch.float32,
+                                                                  device=target.device))
         if self.compiled is not None and self.compile_subnets:
             # subnet() swaps block classes on the shared modules, so the compiled callable runs subnets too
             return stimulative_forward(self.compiled, input, target, self.criterion, self.stimulator,
@@ -100,8 +101,9 @@ class StimulativeTask(TrainingTask):
         """Loss multiplier the caller applies before backward besides AMP scaling: 1 / accumulation steps.
 
         Only memory-lean (or gradient-checkpointed) subnet passes use it: they back-propagate inside forward.
+        A tensor (a per-rank weight computed on the device) stays a tensor: converting it would sync.
         """
-        self._stim_module().grad_multiplier = float(multiplier)
+        self._stim_module().grad_multiplier = multiplier if torch.is_tensor(multiplier) else float(multiplier)
 
     def set_loss_scaler(self, scaler: Optional[Any]) -> None:
         """The AMP loss scaler of the loop (torch GradScaler or timm's NativeScaler), handed over once, so that
@@ -146,14 +148,15 @@ class StimulativeTask(TrainingTask):
         return compiled
 
     def subnet_graph_bound(self) -> int:
-        """Most graphs scope='subnets' can build: full net (training and eval) + subnets x subnet input sizes.
+        """Most graphs scope='subnets' can build: full net (training at each full size, and eval) + subnets x
+        subnet input sizes (the union over the full sizes' ranges).
 
-        A training full pass and an evaluation pass differ in BN mode, hence 2; a subnet drawn at full depth
-        and full size is the full network with BN statistics frozen, hence counted among the subnets.
+        A training full pass and an evaluation pass differ in BN mode, hence 1 + the full sizes; a subnet drawn at
+        full depth and full size is the full network with BN statistics frozen, hence counted among the subnets.
         """
         sampler = self.stimulator.sampler
         num_subnets = math.prod(sampler.k_list) if sampler.k_list is not None else 2 ** sampler.layout.num_skippable
-        return 2 + num_subnets * len(self.stimulator.size_sampler.sizes)
+        return 1 + len(self.stimulator.full_sizes) + num_subnets * len(self.stimulator.subnet_sizes)
 
     @staticmethod
     def _raise_recompile_limit(bound: int, max_graphs: int) -> None:
@@ -189,18 +192,32 @@ class StimulativeTask(TrainingTask):
         return module
 
     def get_clip_parameters(self, exclude_head: bool = False):
+        """The model's parameters (without the classifier's two for AGC), then the loss's trainable ones (a
+        feature-distillation projection), as timm clips them."""
         params = list(self.model.parameters())
-        return params[:-2] if exclude_head else params
+        params = params[:-2] if exclude_head else params
+        return params + [p for p in getattr(self.criterion, 'parameters', list)() if p.requires_grad]
+
+    @property
+    def criterion(self) -> Callable:
+        """The main loss (a distillation loss holds its teacher and, for features, a trained projection)."""
+        return self._stim_module().criterion
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
-        if ema or self.stimulator is None:
+        if ema:
             return {}
-        return {'stimulator': self.stimulator.state_dict()}
+        state = {} if self.stimulator is None else {'stimulator': self.stimulator.state_dict()}
+        loss_state = self.criterion.task_state() if hasattr(self.criterion, 'task_state') else {}
+        return dict(state, distillation=loss_state) if loss_state else state
 
     def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True,
                         module: Optional[nn.Module] = None, ema: bool = False) -> None:
         if not state or ema:
             return
+        if 'distillation' in state and hasattr(self.criterion, 'load_task_state'):
+            self.criterion.load_task_state(state['distillation'])
+        elif strict and hasattr(self.criterion, 'task_state') and self.criterion.task_state():
+            raise RuntimeError('checkpoint has no feature-distillation projection; resume with the same --kd-* flags')
         if self.stimulator is None:
             if strict and 'stimulator' in state:
                 raise RuntimeError('checkpoint has stimulative-training state but this run trains plainly '

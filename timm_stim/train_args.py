@@ -6,7 +6,7 @@ so that a timm command line or a timm-written args.yaml runs unchanged; `--stim*
 work; it is table-driven (`RULES`), so a new check is one row.
 
 Flags that cannot run with subnetwork training are accepted and refused with one line when used with ST
-(`ST_INCOMPATIBLE`); flags train_stim.py does not run at all are refused with one line when set (`UNSUPPORTED`).
+(`ST_INCOMPATIBLE`); every flag runs with --stim none.
 """
 import argparse
 import difflib
@@ -22,7 +22,7 @@ from timm.utils import ParseKwargs
 from .cli import OneLineArgumentParser, UsageError, check_output_folder
 
 __all__ = ['ArgsError', 'build_parser', 'load_config', 'parse_args', 'check_args', 'args_record', 'Rule', 'RULES',
-           'RUNTIME_KEYS', 'ST_INCOMPATIBLE', 'UNSUPPORTED']
+           'RUNTIME_KEYS', 'ST_INCOMPATIBLE']
 
 # Keys an args.yaml may hold that are not flags: set at run time by timm's or train_stim's set-up.
 RUNTIME_KEYS = ('world_size', 'rank', 'distributed', 'prefetcher', 'config', 'device_id', 'digits_recipe')
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--wandb-project', default=None, type=str)
     g.add_argument('--wandb-tags', default=[], type=str, nargs='+')
     g.add_argument('--wandb-resume-id', default='', type=str, metavar='ID')
-    # timm's scheduled-resolution, NaFlex and distillation flags: parsed so recipes load, refused when set
+    # timm's scheduled-resolution and NaFlex loaders (timm_stim/train_setup.create_loaders)
     g.add_argument('--train-img-sizes', type=int, nargs='+', default=None)
     g.add_argument('--train-batch-sizes', type=int, nargs='+', default=None)
     g.add_argument('--train-size-probs', type=float, nargs='+', default=None)
@@ -409,6 +409,15 @@ RULES = [
          '(the built-in digits recipe sets it)', lambda args: getattr(args, 'sched', '') == 'plateau'),
     Rule(('decay_milestones',), lambda v: list(v) == sorted(v) and all(m >= 0 for m in v),
          'must be increasing epochs >= 0'),
+    Rule(('train_img_sizes',), lambda v: all(n >= _MIN_IMG_SIZE for n in v), f'must all be >= {_MIN_IMG_SIZE}'),
+    Rule(('train_batch_sizes', 'naflex_train_seq_lens', 'naflex_patch_sizes'), lambda v: all(n >= 1 for n in v),
+         'must all be >= 1'),
+    Rule(('train_size_probs', 'naflex_patch_size_probs'), lambda v: all(p >= 0 for p in v) and sum(v) > 0,
+         'must be weights >= 0 with a positive sum'),
+    Rule(('train_batches_per_epoch', 'naflex_max_seq_len'), _positive, 'must be >= 1'),
+    Rule(('train_size_random_mix',), _probability, 'must be in [0, 1]'),
+    Rule(('train_size_schedule_spread', 'kd_temperature'), lambda v: v > 0, 'must be > 0'),
+    Rule(('distill_loss_weight', 'task_loss_weight'), _non_negative, 'must be >= 0'),
     Rule(('stim_min_scale',), lambda v: 0.0 < v <= 1.0, 'must be in (0, 1]; 1 turns smaller subnet inputs off',
          _stim_on),
     Rule(('stim_subnets',), _positive, 'must be >= 1; --stim none trains plainly', _stim_on),
@@ -424,15 +433,9 @@ ST_INCOMPATIBLE = {
     'split_bn': 'split BatchNorm needs --aug-splits',
     'resplit': 'it only applies to --aug-splits',
     'torchscript': 'a scripted model cannot skip blocks',
+    'kd_feature_or_token': "feature and token distillation change what the model returns in training, which the "
+                           "subnet passes do not follow (--kd-distill-type logit works with ST)",
 }
-
-# timm flags train_stim.py parses (a recipe loads) but does not run: refused with one line when set.
-UNSUPPORTED = {
-    'naflex_loader': 'NaFlex variable-resolution loading is not implemented in train_stim.py',
-    'train_img_sizes': 'scheduled training resolutions are not implemented in train_stim.py',
-    'kd_model_name': "knowledge distillation is not implemented in train_stim.py (use timm's train.py)",
-}
-
 
 def _flag(dest: str) -> str:
     return '--' + dest.replace('_', '-')
@@ -531,13 +534,16 @@ def check_args(args: argparse.Namespace, rules: Sequence[Rule] = RULES) -> None:
             value = getattr(args, dest, None)
             if value is not None and not rule.ok(value):
                 raise ArgsError(f'{_flag(dest)} {rule.need} (got {value})')
-    for dest, why in UNSUPPORTED.items():
-        if getattr(args, dest):
-            raise ArgsError(f'{_flag(dest)} is not supported: {why}')
     if _stim_on(args):
         for dest, why in ST_INCOMPATIBLE.items():
-            if getattr(args, dest):
+            if dest == 'kd_feature_or_token':
+                if args.kd_model_name and args.kd_distill_type != 'logit':
+                    raise ArgsError(f'--kd-distill-type {args.kd_distill_type} cannot be combined with --stim '
+                                    f'{args.stim}: {why}; or use --stim none')
+            elif getattr(args, dest):
                 raise ArgsError(f'{_flag(dest)} cannot be combined with --stim {args.stim}: {why}; use --stim none')
+    _check_loader_modes(args)
+    _check_distillation(args)
     if args.jsd_loss and args.aug_splits < 2:
         raise ArgsError('--jsd-loss needs --aug-splits 2 or more')
     if args.aug_splits == 1:
@@ -576,6 +582,42 @@ def check_args(args: argparse.Namespace, rules: Sequence[Rule] = RULES) -> None:
         raise ArgsError(device_error)
     root = args.output or os.path.join('.', 'output', 'train')
     check_output_folder(os.path.join(root, args.experiment) if args.experiment else root)
+
+
+def _check_loader_modes(args) -> None:
+    """timm's scheduled-resolution and NaFlex loaders: list lengths agree, the two modes exclude each other."""
+    sizes = args.train_img_sizes
+    if args.naflex_loader and sizes is not None:
+        raise ArgsError('--naflex-loader and --train-img-sizes are alternative loader modes: pass one of them')
+    if args.naflex_loader and args.use_multi_epochs_loader:
+        raise ArgsError('--use-multi-epochs-loader cannot be used with --naflex-loader: drop one of them')
+    if args.naflex_loader and args.aug_splits:
+        raise ArgsError('--aug-splits cannot be used with --naflex-loader (timm\'s NaFlex loader has no splits)')
+    for dest, length_of in (('train_batch_sizes', 'train_img_sizes'), ('train_size_probs', 'train_img_sizes'),
+                            ('naflex_patch_size_probs', 'naflex_patch_sizes')):
+        values, reference = getattr(args, dest), getattr(args, length_of)
+        if values is not None and (reference is None or len(values) != len(reference)):
+            raise ArgsError(f'{_flag(dest)} needs one value per {_flag(length_of)} value '
+                            f'(got {len(values)} for {len(reference or [])})')
+    if args.naflex_loader and _stim_on(args):
+        if args.stim_sizes or (args.stim_min_scale is not None and args.stim_min_scale < 1):
+            raise ArgsError('smaller subnet inputs (--stim-min-scale < 1, --stim-sizes) need image tensors, but '
+                            '--naflex-loader batches are patch sequences of varying length already: drop them')
+
+
+def _check_distillation(args) -> None:
+    """Knowledge distillation (timm's --kd-* flags): only the values timm's tasks accept."""
+    if not args.kd_model_name:
+        return
+    if args.kd_loss_type != 'kl':
+        raise ArgsError(f"--kd-loss-type must be 'kl', the one logit distillation loss (got {args.kd_loss_type})")
+    if not args.kd_model_name.startswith(('hf-hub:', 'local-dir:')):
+        from .checkpoint import check_model_name
+        try:
+            check_model_name(args.kd_model_name)
+        except ValueError as e:
+            raise ArgsError(f'--kd-model-name: {e}; or give hf-hub:owner/name or local-dir:/path/to/model_folder') \
+                from None
 
 
 def args_record(args: argparse.Namespace) -> Dict[str, Any]:

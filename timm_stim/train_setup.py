@@ -4,18 +4,18 @@ Each factory turns parsed train_stim.py flags into one timm object, the way timm
 ``UsageError`` (exit code 2) for input it cannot use, so every bad input surfaces before anything is written.
 train_stim.py calls them in timm's order, which keeps `--stim none` drawing the same random numbers as timm.
 """
-import difflib
 import importlib
 import logging
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 import timm
-from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_loader
+from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_loader, create_naflex_loader
 from timm.layers import convert_splitbn_model, set_fast_norm
 from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import safe_model_name
@@ -23,8 +23,10 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import NativeScaler, init_distributed_device, set_jit_fuser
 
+from .checkpoint import check_model_name
 from .cli import UsageError, one_line
 from .data import DIGITS_INFO, create_dataset_or_digits, fixed_subset, is_digits
+from .distill import create_distillation_loss, optimizer_module
 from .sizes import smaller_input_kwargs
 from .stimulator import Stimulator, create_stim_config
 from .task import StimulativeTask
@@ -76,6 +78,10 @@ def create_stim_options(args):
     flags = dict(space='stim_space', loss='stim_loss', weight='stim_weight', temperature='stim_temperature',
                  amplitude='stim_amplitude', num_subnets='stim_subnets', min_scale='stim_min_scale',
                  sizes='stim_sizes', bn='stim_bn')
+    if args.naflex_loader and args.stim_min_scale is None:  # patch-sequence batches cannot be resized
+        args.stim_min_scale = 1.0
+        _logger.info('ST++ smaller subnet inputs off: --naflex-loader batches are patch sequences of varying '
+                     'length already')
     try:
         config = create_stim_config(
             args.stim, per_rank=args.stim_per_rank, seed=args.seed, size_fallback=args.stim_size_fallback,
@@ -90,11 +96,11 @@ def create_stim_options(args):
 def create_model(args, stim_config) -> nn.Module:
     """timm.create_model, plus the kwargs a ViT needs for smaller subnet inputs (kept in args.model_kwargs)."""
     name = args.model
-    if not (timm.is_model(name) or name.startswith(('hf-hub:', 'local-dir:'))):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ''
-        raise UsageError(f"unknown model {name!r}{hint}; list names with "
-                         f"python -c \"import timm; print(timm.list_models('*{name}*'))\"")
+    if not name.startswith(('hf-hub:', 'local-dir:')):
+        try:
+            check_model_name(name)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     kwargs = dict(args.model_kwargs or {})
     # min_scale None: the preset decides by resolution once the data config is known, so allow other sizes
     if stim_config is not None and (stim_config.min_scale is None or stim_config.min_scale < 1.0 or stim_config.sizes):
@@ -150,7 +156,8 @@ def create_train_stimulator(model: nn.Module, stim_config, args, full_size: int)
     if stim_config is None:
         return None
     try:
-        stimulator = Stimulator(model, stim_config, blocks=args.stim_blocks, full_size=full_size, rank=args.rank)
+        stimulator = Stimulator(model, stim_config, blocks=args.stim_blocks, full_size=full_size, rank=args.rank,
+                                full_sizes=args.train_img_sizes)  # scheduled resolutions: a size range per size
     except ValueError as e:  # NoResidualBlocksError, SmallerInputsError, a space or sizes that don't fit
         raise UsageError(str(e)) from None
     args.stim_min_scale = stimulator.config.min_scale  # the preset's range at this size, recorded in args.yaml
@@ -170,16 +177,31 @@ def create_amp(args, device, model_dtype=None) -> Tuple[Callable, Optional[Nativ
 
 
 def create_task(args, model, stimulator, criterion, device, model_dtype=None, loss_scaler=None):
-    """The StimulativeTask that runs `model` and its subnets in one forward, given the loss scaler once."""
-    task = StimulativeTask(model, criterion.to(device), stimulator, device=device, dtype=model_dtype,
+    """The StimulativeTask that runs `model` and its subnets in one forward, given the loss scaler once.
+
+    With --kd-model-name the main loss becomes logit distillation from that teacher (timm's weights and
+    temperature), built here as timm builds its teacher: after the loaders, before the optimizer.
+    """
+    criterion = criterion.to(device)
+    if args.kd_model_name:
+        try:
+            criterion = create_distillation_loss(args, model, criterion, device, model_dtype)
+        except (RuntimeError, OSError, ValueError) as e:  # unknown name, no weights offline, wrong classes
+            raise UsageError(f'--kd-model-name {args.kd_model_name}: the teacher could not be built '
+                             f'({one_line(e)[:300]}); give a timm model with pretrained weights, hf-hub:owner/name '
+                             f'or local-dir:/path/to/model_folder') from None
+        _logger.info(f'Knowledge distillation ({args.kd_distill_type}) from {args.kd_model_name}: '
+                     f'{criterion.extra_repr()}')
+    task = StimulativeTask(model, criterion, stimulator, device=device, dtype=model_dtype,
                            verbose=args.rank == 0).to(device)
     task.set_loss_scaler(loss_scaler)  # subnet passes that back-propagate inside forward scale like the loop
     return task
 
 
-def create_optimizer(args, model):
-    """timm's optimizer for the --opt* flags (and --opt-kwargs), logged with its settings."""
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+def create_optimizer(args, model, criterion=None):
+    """timm's optimizer for the --opt* flags (and --opt-kwargs), logged with its settings; it also trains the
+    loss's own parameters (a feature-distillation projection), as timm's does."""
+    optimizer = create_optimizer_v2(optimizer_module(model, criterion), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
     settings = dict(optimizer.defaults, weight_decay=args.weight_decay)
     _logger.info(f'Created {type(optimizer).__name__} ({args.opt}) optimizer: '
                  + ', '.join(f'{k}: {v}' for k, v in settings.items()))
@@ -190,6 +212,10 @@ def compile_and_distribute(task, args, device) -> None:
     """--torchcompile (the full pass, or block by block: never per skip pattern), then DDP under torchrun."""
     if args.torchcompile:
         task.compile(backend=args.torchcompile, mode=args.torchcompile_mode, scope=args.stim_compile)
+        teacher = getattr(task.criterion, 'teacher', None)
+        if teacher is not None:  # a distillation teacher: its logits (or pooled features) path, as timm compiles it
+            teacher.compile(backend=args.torchcompile, mode=args.torchcompile_mode,
+                            compile_features=args.kd_distill_type == 'feature')
     if not args.distributed:
         return
     task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None,
@@ -239,11 +265,30 @@ def check_first_image(dataset, name: str, args) -> None:
                          f'{one_line(e)[:200]}); check that --data-dir holds decodable images') from None
 
 
-def create_loaders(args, data_config, datasets, device, mixup_active: bool, model_dtype=None):
-    """timm's create_loader for train (augmentation, mixup) and eval (None without a validation split).
+@dataclass
+class Loaders:
+    """What create_loaders returns: the loaders and how the loop scales each batch's loss.
 
-    Returns (train loader, eval loader, mixup_fn): with the prefetcher (default) mixup runs in the collate and
-    normalisation on the device; with --no-prefetcher mixup_fn mixes each batch in the training loop.
+    `batch_reference` is the batch size the lr is scaled to and per-batch losses are scaled against: the
+    scheduled loader's policy-average batch size, else --batch-size. `loss_scale` is 'none', 'sqrt' or 'linear'
+    (--variable-batch-loss-scale, or --naflex-loss-scale with --naflex-loader).
+    """
+    train: Any
+    eval: Optional[Any]
+    mixup_fn: Optional[Callable]
+    batch_reference: float
+    loss_scale: str = 'none'
+    naflex: bool = False
+
+
+def create_loaders(args, data_config, datasets, device, mixup_active: bool, model_dtype=None,
+                   patch_size=None) -> Loaders:
+    """timm's loaders for train (augmentation, mixup) and eval (None without a validation split).
+
+    The train loader is timm's create_loader (with --train-img-sizes: its scheduled-resolution batch sampler) or,
+    with --naflex-loader, timm's NaFlex loader (batches of patch sequences at several lengths, for NaFlex ViTs,
+    `patch_size` = the model's). With the prefetcher (default) mixup runs in the collate and normalisation on the
+    device; with --no-prefetcher the returned mixup_fn mixes each batch in the training loop.
     """
     mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                       prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
@@ -251,32 +296,76 @@ def create_loaders(args, data_config, datasets, device, mixup_active: bool, mode
     if args.aug_repeats and (not args.distributed or isinstance(datasets[0], torch.utils.data.IterableDataset)):
         raise UsageError('--aug-repeats needs distributed training (torchrun) on a map-style dataset, as in timm')
     prefetcher = not args.no_prefetcher
-    collate_fn = FastCollateMixup(**mixup_args) if mixup_active and prefetcher else None
-    mixup_fn = Mixup(**mixup_args) if mixup_active and not prefetcher else None
-    common = dict(input_size=data_config['input_size'], mean=data_config['mean'], std=data_config['std'],
-                  distributed=args.distributed, pin_memory=args.pin_mem, device=device, use_prefetcher=prefetcher,
+    common = dict(mean=data_config['mean'], std=data_config['std'], distributed=args.distributed,
+                  pin_memory=args.pin_mem, device=device, use_prefetcher=prefetcher,
                   img_dtype=model_dtype or torch.float32)
     use_train_interpolation = args.train_interpolation and not args.no_aug
-    loader_train = create_loader(
-        datasets[0], batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
-        re_mode=args.remode, re_count=args.recount, re_split=args.resplit, train_crop_mode=args.train_crop_mode,
-        scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+    augment = dict(
+        batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode,
+        re_count=args.recount, re_split=args.resplit, train_crop_mode=args.train_crop_mode, scale=args.scale,
+        ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
         color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
         gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa, num_aug_repeats=args.aug_repeats,
         num_aug_splits=args.aug_splits if args.aug_splits > 1 else 0,
         interpolation=args.train_interpolation if use_train_interpolation else data_config['interpolation'],
-        num_workers=args.workers, worker_seeding=args.worker_seeding, collate_fn=collate_fn,
-        use_multi_epochs_loader=args.use_multi_epochs_loader, **common)
-    loader_eval = None
-    if datasets[1] is not None:
-        few_workers = args.distributed and ('tfds' in args.dataset or 'wds' in args.dataset)  # less DDP padding
-        loader_eval = create_loader(
-            datasets[1], batch_size=args.validation_batch_size or args.batch_size, is_training=False,
-            interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
-            num_workers=min(2, args.workers) if few_workers else args.workers, **common)
-    if len(loader_train) == 0:
+        num_workers=args.workers, worker_seeding=args.worker_seeding)
+    eval_kwargs = dict(batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+                       interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
+                       num_workers=args.workers)
+    if args.distributed and ('tfds' in args.dataset or 'wds' in args.dataset):
+        eval_kwargs['num_workers'] = min(2, args.workers)  # less DDP padding
+    if args.naflex_loader:
+        loaders = _create_naflex_loaders(args, datasets, mixup_active, mixup_args, patch_size, common, augment,
+                                         eval_kwargs)
+    else:
+        collate_fn = FastCollateMixup(**mixup_args) if mixup_active and prefetcher else None
+        loader_train = create_loader(
+            datasets[0], input_size=data_config['input_size'], collate_fn=collate_fn,
+            use_multi_epochs_loader=args.use_multi_epochs_loader, input_size_choices=args.train_img_sizes,
+            batch_size_choices=args.train_batch_sizes, batch_choice_weights=args.train_size_probs,
+            batch_choice_seed=args.seed, batch_choice_schedule=args.train_size_schedule,
+            batch_schedule_epochs=args.epochs if args.train_size_schedule == 'progressive' else None,
+            batch_schedule_spread=args.train_size_schedule_spread,
+            batch_schedule_random_mix=args.train_size_random_mix, num_batches=args.train_batches_per_epoch,
+            **augment, **common)
+        loader_eval = None if datasets[1] is None else create_loader(
+            datasets[1], input_size=data_config['input_size'], **eval_kwargs, **common)
+        loaders = Loaders(loader_train, loader_eval, Mixup(**mixup_args) if mixup_active and not prefetcher else None,
+                          float(args.batch_size))
+        if args.train_img_sizes is not None:
+            sampler = loader_train.batch_sampler
+            loaders.batch_reference, loaders.loss_scale = sampler.average_batch_size, args.variable_batch_loss_scale
+            _logger.info(f'Scheduled training resolutions {args.train_img_sizes} with batch sizes '
+                         f'{sampler.batch_sizes} ({args.train_size_schedule}); {len(sampler)} batches per epoch, '
+                         f'policy-average batch size {sampler.average_batch_size:.2f}')
+    if len(loaders.train) == 0:
         raise UsageError(f'{len(datasets[0])} training images make no full batch of {args.batch_size} per process')
-    return loader_train, loader_eval, mixup_fn
+    return loaders
+
+
+def _create_naflex_loaders(args, datasets, mixup_active, mixup_args, patch_size, common, augment,
+                           eval_kwargs) -> Loaders:
+    """--naflex-loader: timm's NaFlex loaders (train at --naflex-train-seq-lens, eval at --naflex-max-seq-len)."""
+    mixup_fn = None
+    if mixup_active:
+        from timm.data import NaFlexMixup
+        mixup_fn = NaFlexMixup(**{k: v for k, v in mixup_args.items() if k not in ('mode', 'cutmix_minmax')})
+    if patch_size is None:
+        patch_size = (16, 16)
+        _logger.warning(f'The model does not tell its patch size (get_patch_size): NaFlex uses {patch_size}')
+    patches = dict(patch_size=patch_size)
+    if args.naflex_patch_sizes:  # variable patch sizes, drawn per batch
+        patches = dict(patch_size_choices=args.naflex_patch_sizes, patch_size_choice_probs=args.naflex_patch_size_probs)
+    channels_last = not args.naflex_patchify_channels_first
+    loader_train = create_naflex_loader(
+        dataset=datasets[0], train_seq_lens=args.naflex_train_seq_lens, mixup_fn=mixup_fn, rank=args.rank,
+        world_size=args.world_size, patchify_channels_last=channels_last, **patches, **augment, **common)
+    loader_eval = None if datasets[1] is None else create_naflex_loader(
+        dataset=datasets[1], patch_size=patch_size, max_seq_len=args.naflex_max_seq_len,
+        patchify_channels_last=channels_last, **eval_kwargs, **common)
+    _logger.info(f'NaFlex loader: sequence lengths {args.naflex_train_seq_lens}, patch size '
+                 f'{args.naflex_patch_sizes or patch_size}')
+    return Loaders(loader_train, loader_eval, None, float(args.batch_size), args.naflex_loss_scale, naflex=True)
 
 
 # ------------------------------------------------------------------------------------ loss, lr, schedule
@@ -294,19 +383,21 @@ def create_criterion(args, mixup_active: bool) -> nn.Module:
     return nn.CrossEntropyLoss()  # timm: plain CE here, even with --bce-loss
 
 
-def resolve_lr(args) -> None:
+def resolve_lr(args, batch_reference: Optional[float] = None) -> None:
     """timm's rule: without --lr, lr = lr_base * (global batch / lr_base_size), linearly or by its square root.
+
+    The per-process batch is `batch_reference` (scheduled resolutions: the policy-average batch), else --batch-size.
 
     args.lr_given keeps the unresolved value for args.yaml, so a recipe rescales when re-used at another batch.
     """
     args.lr_given = args.lr
     if args.lr:
         return
-    global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+    global_batch = (batch_reference or args.batch_size) * args.world_size * args.grad_accum_steps
     scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
     args.lr = args.lr_base * (global_batch / args.lr_base_size) ** (0.5 if scale == 'sqrt' else 1.0)
     _logger.info(f'Learning rate {args.lr:.4g}: {scale} scaling of --lr-base {args.lr_base} to a batch of '
-                 f'{global_batch}')
+                 f'{global_batch:g}')
 
 
 def create_lr_scheduler(args, optimizer, updates_per_epoch: int, start_epoch: int, decreasing: bool):
