@@ -66,6 +66,14 @@ def test_push_to_hub_exports_a_plain_timm_model(tmp_path, fake_hub):
 
 
 @pytest.mark.slow
+def test_push_without_validation_split_ranks_by_train_loss(tmp_path, fake_hub):
+    res = _train(tmp_path, fake_hub.url, '--val-split', '')
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    card = fake_hub.files(REPO_ID)['README.md'].decode()
+    assert 'best_train_loss' in card and 'final_eval_' not in card and 'train loss' in card
+
+
+@pytest.mark.slow
 def test_failed_push_exits_nonzero_and_keeps_local_files(tmp_path, fake_hub):
     fake_hub.set_failure('all', status=503)
     res = _train(tmp_path, fake_hub.url, '--hub-weights', 'last')

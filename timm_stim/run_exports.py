@@ -21,7 +21,8 @@ CARD_ARGS = ('model', 'dataset', 'epochs', 'batch_size', 'opt', 'lr', 'sched', '
 
 def export_run(args, task, output_dir, data_config, device, eval_metrics, best_metric, best_epoch) -> None:
     """Rank 0, after the last epoch: the loafing report, the subnet export and the Hub push the flags ask for."""
-    model, source = final_weights(args, task, output_dir, best_metric, best_epoch)
+    metric_name = f'eval {args.eval_metric}' if eval_metrics else 'train loss'  # no validation split: train loss
+    model, source = final_weights(args, task, output_dir, best_metric, best_epoch, metric_name)
     card_sections = []
     if args.loafing_eval:
         card_sections = run_loafing_eval(args, model, source, output_dir, data_config, device)
@@ -31,11 +32,11 @@ def export_run(args, task, output_dir, data_config, device, eval_metrics, best_m
         push_to_hub(args, task, model, source, output_dir, data_config, eval_metrics, best_metric, card_sections)
 
 
-def final_weights(args, task, output_dir, best_metric, best_epoch):
+def final_weights(args, task, output_dir, best_metric, best_epoch, metric_name: str = 'eval top1'):
     """A plain timm model (no DDP/compile wrappers) with the --hub-weights weights, and a description of them."""
     if args.hub_weights == 'best':
         state_dict = read_checkpoint(os.path.join(output_dir, 'model_best.pth.tar'))['state_dict']
-        source = 'best checkpoint' + (f' (epoch {best_epoch}, eval {args.eval_metric} {best_metric:.2f})'
+        source = 'best checkpoint' + (f' (epoch {best_epoch}, {metric_name} {best_metric:.4g})'
                                       if best_metric is not None else '')
     elif args.hub_weights == 'ema':
         state_dict, source = task.get_eval_model(ema=True).module.state_dict(), 'EMA weights after the last epoch'
@@ -87,7 +88,7 @@ def push_to_hub(args, task, model, source, output_dir, data_config, eval_metrics
     if task.stimulator is None:
         stim = {'stim': 'none (plain training, no subnetworks)'}
     else:
-        sampler, sizes = task.stimulator.sampler, task.stimulator.size_sampler.sizes
+        sampler, sizes = task.stimulator.sampler, task.stimulator.subnet_sizes
         stim['stim_rule'] = (f'K={",".join(map(str, sampler.k_list))}' if sampler.k_list else
                              f'bernoulli p={sampler.drop_prob}') + f' over stages {sampler.layout.stage_sizes}'
         stim['stim_input_sizes'] = f'{sizes[0]}..{sizes[-1]} px'
@@ -97,9 +98,9 @@ def push_to_hub(args, task, model, source, output_dir, data_config, eval_metrics
     else:
         dataset = args.dataset or 'an image-folder dataset'
     metrics = OrderedDict(exported_weights=source, epochs_trained=args.stop_epoch or args.epochs)
-    metrics.update((f'final_eval_{k}', v) for k, v in eval_metrics.items())
-    if best_metric is not None:
-        metrics[f'best_eval_{args.eval_metric}'] = best_metric
+    metrics.update((f'final_eval_{k}', v) for k, v in (eval_metrics or {}).items())
+    if best_metric is not None:  # without a validation split the checkpoints are ranked by the training loss
+        metrics[f'best_eval_{args.eval_metric}' if eval_metrics else 'best_train_loss'] = best_metric
     plot = os.path.join(output_dir, 'loafing', 'loafing.png')
     folder = export_timm_model(
         model.cpu(), os.path.join(output_dir, 'hf_export'), args.model,
