@@ -206,3 +206,14 @@ def test_stpp_smaller_inputs_default_by_resolution(caplog):
     assert high.config.min_scale == 0.43 and high.size_sampler.sizes[0] == 27
     forced = create_stimulator(model, create_stim_config('st++', min_scale=0.43), full_size=32)
     assert forced.size_sampler.enabled and forced.size_sampler.sizes[0] == 13
+
+
+@pytest.mark.parametrize('flag, standardized', [(None, True), ('raw', False), ('standardized', True)])
+def test_main_logits_flag_sets_the_st_plus_plus_main_loss(flag, standardized):
+    """--stim-main-logits raw keeps ST++'s KL- subnet loss but puts the main loss on raw logits (recorded in args)."""
+    import train_stim
+    from timm_stim.train_setup import create_stim_options
+    args = train_stim.parse_args(['--stim', 'st++'] + (['--stim-main-logits', flag] if flag else []))
+    config = create_stim_options(args)
+    assert config.loss == 'kl-' and config.standardize_main is standardized
+    assert args.stim_main_logits == ('standardized' if standardized else 'raw')

@@ -258,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--stim-weight', type=float, default=None, help='lambda per subnet (1)')
     g.add_argument('--stim-temperature', type=float, default=None, help='KL temperature (1)')
     g.add_argument('--stim-amplitude', type=float, default=None, help='A of the KL- standardization (1)')
+    g.add_argument('--stim-main-logits', default=None, choices=['standardized', 'raw'],
+                   help='logits of the main loss: standardized like KL- (the authors\' ST++) or raw (ST, timm)')
     g.add_argument('--stim-subnets', type=int, default=None, help='subnets per step, M (1)')
     g.add_argument('--stim-min-scale', type=float, default=None,
                    help='smallest subnet input / image size, in (0, 1] (st++: 0.43, st: 1 = off)')

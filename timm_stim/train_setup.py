@@ -82,14 +82,17 @@ def create_stim_options(args):
         args.stim_min_scale = 1.0
         _logger.info('ST++ smaller subnet inputs off: --naflex-loader batches are patch sequences of varying '
                      'length already')
+    main_logits = {'standardized': True, 'raw': False}.get(args.stim_main_logits)
     try:
         config = create_stim_config(
             args.stim, per_rank=args.stim_per_rank, seed=args.seed, size_fallback=args.stim_size_fallback,
-            memory_lean=args.stim_memory_lean, **{field: getattr(args, flag) for field, flag in flags.items()})
+            memory_lean=args.stim_memory_lean, standardize_main=main_logits,
+            **{field: getattr(args, flag) for field, flag in flags.items()})
     except ValueError as e:
         raise UsageError(str(e)) from None
     for field, flag in flags.items():
         setattr(args, flag, getattr(config, field) if field != 'sizes' else args.stim_sizes)
+    args.stim_main_logits = 'standardized' if config.standardize_main else 'raw'
     return config
 
 
