@@ -10,6 +10,7 @@ model, default: the recipe's) on the embedded scikit-learn digits, for several s
     st++ min 0.75     --stim st++ --stim-min-scale 0.75 (smaller inputs, narrower range)
     st++ raw main     --stim st++ --stim-min-scale 1 --stim-main-logits raw
                       (ST++ without smaller inputs, main loss on raw logits as in ST and timm; KL- subnet loss)
+    st++ raw main 0.43  the same with the authors' smaller inputs (--stim-min-scale 0.43)
     st++ authors      --stim st++ --stim-bn update --stim-bn-recal 2000
                       (subnet passes update BN running stats; re-estimated on 2000 training images before
                       every validation, so the checkpoint carries re-estimated full-net statistics)
@@ -62,12 +63,14 @@ VARIANTS: Dict[str, Tuple[str, List[str]]] = {
     'st++ min 0.75': ('stpp-min075', ['--stim', 'st++', '--stim-min-scale', '0.75']),
     # ST++ without smaller inputs and with the main loss on raw logits (as ST and timm), KL- subnet loss kept
     'st++ raw main': ('stpp-rawmain', ['--stim', 'st++', '--stim-min-scale', '1', '--stim-main-logits', 'raw']),
+    'st++ raw main 0.43': ('stpp-rawmain-043', ['--stim', 'st++', '--stim-min-scale', '0.43', '--stim-main-logits',
+                                                'raw']),
     'st++ authors': ('stpp-authors', ['--stim', 'st++', '--stim-min-scale', '0.43', '--stim-bn', 'update',
                                       '--stim-bn-recal', '2000']),
 }
 _DEFAULT_VARIANTS = ('baseline', 'st', 'st++', 'st++ full-size')
 # The slowest runs first, so the two parallel workers finish together.
-_ORDER = ('st++ authors', 'st', 'st++ raw main', 'st++ full-size', 'st++ min 0.75', 'st++', 'baseline')
+_ORDER = ('st++ authors', 'st', 'st++ raw main 0.43', 'st++ raw main', 'st++ full-size', 'st++ min 0.75', 'st++', 'baseline')
 
 
 def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:

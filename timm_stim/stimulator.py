@@ -73,9 +73,10 @@ STIM_PRESETS: Dict[str, Dict[str, Any]] = {
     'st++': dict(space='st++', loss='kl-', min_scale=None),  # arXiv 2305.02507: inter-stage rule, KL-, smaller inputs
 }
 
-# ST++'s smaller inputs, [floor(0.43 S), S], were tuned by the authors at S = 224. Below 64 px they made the
-# subnets and the full net worse (docs/results/stpp_lowres.md: at 32 px, subnet inputs of 13..32 px), so the
-# resolution-dependent default (min_scale None) turns them off there; --stim-min-scale 0.43 restores them.
+# ST++'s smaller inputs, [floor(0.43 S), S], were tuned by the authors at S = 224. At 32 px (inputs of 13..32 px)
+# they made the subnets and the full net worse, at 64 px (27..64 px) they did no measurable harm
+# (docs/results/stpp_lowres.md), so the resolution-dependent default (min_scale None) turns them off below 64 px;
+# --stim-min-scale 0.43 restores them.
 AUTHORS_MIN_SCALE = 0.43
 LOW_RES_SIZE = 64
 
