@@ -70,7 +70,8 @@ VARIANTS: Dict[str, Tuple[str, List[str]]] = {
 }
 _DEFAULT_VARIANTS = ('baseline', 'st', 'st++', 'st++ full-size')
 # The slowest runs first, so the two parallel workers finish together.
-_ORDER = ('st++ authors', 'st', 'st++ raw main 0.43', 'st++ raw main', 'st++ full-size', 'st++ min 0.75', 'st++', 'baseline')
+_ORDER = ('st++ authors', 'st', 'st++ raw main 0.43', 'st++ raw main', 'st++ full-size', 'st++ min 0.75', 'st++',
+          'baseline')
 
 
 def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
@@ -267,7 +268,8 @@ def loafing_all(args: argparse.Namespace) -> Dict[str, float]:
             command = [sys.executable, '-m', 'timm_stim.loafing',
                        *[str(_run_dir(args, v, seed)) for v in args.variants],
                        '--labels', *[VARIANTS[v][0] for v in args.variants], '--checkpoint', args.checkpoint,
-                       '--subnets', args.subnets, '--space', 'st', '--bn-recal', str(args.bn_recal), '--seed', str(seed),
+                       '--subnets', args.subnets, '--space', 'st', '--bn-recal', str(args.bn_recal),
+                       '--seed', str(seed),
                        *(['--img-size', str(eval_size)] if eval_size else []),
                        '-j', '0', '-b', '128', '--device', 'cpu', '--output', str(out),
                        '--title', f'Network loafing on digits, {display}, seed {seed}{at}']

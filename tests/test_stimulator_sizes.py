@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 import timm_stim.stimulator as stimulator_module
-from timm_stim import SizeSampler, SmallerInputsError, StimulativeTask, create_stim_config, create_stimulator, stimulative_forward
+from timm_stim import (SizeSampler, SmallerInputsError, StimulativeTask, create_stim_config, create_stimulator,
+                       stimulative_forward)
 
 CE = nn.CrossEntropyLoss()
 RANGES = {32: range(16, 33), 48: range(24, 49)}  # [floor(0.5 * S), S]

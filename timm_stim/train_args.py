@@ -435,9 +435,8 @@ ST_INCOMPATIBLE = {
     'split_bn': 'split BatchNorm needs --aug-splits',
     'resplit': 'it only applies to --aug-splits',
     'torchscript': 'a scripted model cannot skip blocks',
-    'kd_feature_or_token': "feature and token distillation change what the model returns in training, which the "
-                           "subnet passes do not follow (--kd-distill-type logit works with ST)",
 }
+
 
 def _flag(dest: str) -> str:
     return '--' + dest.replace('_', '-')
@@ -538,11 +537,7 @@ def check_args(args: argparse.Namespace, rules: Sequence[Rule] = RULES) -> None:
                 raise ArgsError(f'{_flag(dest)} {rule.need} (got {value})')
     if _stim_on(args):
         for dest, why in ST_INCOMPATIBLE.items():
-            if dest == 'kd_feature_or_token':
-                if args.kd_model_name and args.kd_distill_type != 'logit':
-                    raise ArgsError(f'--kd-distill-type {args.kd_distill_type} cannot be combined with --stim '
-                                    f'{args.stim}: {why}; or use --stim none')
-            elif getattr(args, dest):
+            if getattr(args, dest):
                 raise ArgsError(f'{_flag(dest)} cannot be combined with --stim {args.stim}: {why}; use --stim none')
     _check_loader_modes(args)
     _check_distillation(args)
@@ -611,6 +606,10 @@ def _check_distillation(args) -> None:
     """Knowledge distillation (timm's --kd-* flags): only the values timm's tasks accept."""
     if not args.kd_model_name:
         return
+    if _stim_on(args) and args.kd_distill_type != 'logit':
+        raise ArgsError(f'--kd-distill-type {args.kd_distill_type} cannot be combined with --stim {args.stim}: it '
+                        f'changes what the model returns in training (pooled features, or two heads\' logits), '
+                        f'which the subnet passes do not follow; use --kd-distill-type logit, or --stim none')
     if args.kd_loss_type != 'kl':
         raise ArgsError(f"--kd-loss-type must be 'kl', the one logit distillation loss (got {args.kd_loss_type})")
     if not args.kd_model_name.startswith(('hf-hub:', 'local-dir:')):

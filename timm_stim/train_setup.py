@@ -182,8 +182,9 @@ def create_amp(args, device, model_dtype=None) -> Tuple[Callable, Optional[Nativ
 def create_task(args, model, stimulator, criterion, device, model_dtype=None, loss_scaler=None):
     """The StimulativeTask that runs `model` and its subnets in one forward, given the loss scaler once.
 
-    With --kd-model-name the main loss becomes logit distillation from that teacher (timm's weights and
-    temperature), built here as timm builds its teacher: after the loaders, before the optimizer.
+    With --kd-model-name the main loss becomes distillation from that teacher (--kd-distill-type logit, feature or
+    token, timm's losses and weights), built here as timm builds its teacher: after the loaders, before the
+    optimizer.
     """
     criterion = criterion.to(device)
     if args.kd_model_name:
@@ -281,7 +282,6 @@ class Loaders:
     mixup_fn: Optional[Callable]
     batch_reference: float
     loss_scale: str = 'none'
-    naflex: bool = False
 
 
 def create_loaders(args, data_config, datasets, device, mixup_active: bool, model_dtype=None,
@@ -368,7 +368,7 @@ def _create_naflex_loaders(args, datasets, mixup_active, mixup_args, patch_size,
         patchify_channels_last=channels_last, **eval_kwargs, **common)
     _logger.info(f'NaFlex loader: sequence lengths {args.naflex_train_seq_lens}, patch size '
                  f'{args.naflex_patch_sizes or patch_size}')
-    return Loaders(loader_train, loader_eval, None, float(args.batch_size), args.naflex_loss_scale, naflex=True)
+    return Loaders(loader_train, loader_eval, None, float(args.batch_size), args.naflex_loss_scale)
 
 
 # ------------------------------------------------------------------------------------ loss, lr, schedule
