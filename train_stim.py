@@ -145,7 +145,7 @@ def train(args) -> int:
     amp_autocast, loss_scaler = create_amp(args, device, model_dtype)
     datasets = create_datasets(args, data_config)
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    patch_size = model.get_patch_size() if args.naflex_loader and hasattr(model, 'get_patch_size') else None
+    patch_size = model.get_patch_size() if args.naflex_loader else None
     loaders = create_loaders(args, data_config, datasets, device, mixup_active, model_dtype, patch_size)
     loader_train, loader_eval = loaders.train, loaders.eval
     resolve_lr(args, loaders.batch_reference)  # without --lr: timm's scaling of --lr-base to the global batch

@@ -128,6 +128,7 @@ def test_own_args_yaml_keeps_timm_keys_and_unresolved_lr(digits_folder, tmp_path
     (['--naflex-loader', '--train-img-sizes', '24', '32'], 'alternative loader modes'),
     (['--naflex-loader', '--stim-min-scale', '0.5'], 'smaller subnet inputs'),
     (['--naflex-loader', '--use-multi-epochs-loader', '--stim', 'none'], '--use-multi-epochs-loader cannot'),
+    (['--naflex-loader', '--model', 'resnet10t', '--stim', 'none'], '--naflex-loader needs a NaFlex model'),
     (['--train-img-sizes', '24', '32', '--train-batch-sizes', '8'], '--train-batch-sizes needs one value per'),
     (['--train-size-probs', '1', '2'], '--train-size-probs needs one value per --train-img-sizes'),
     (['--train-img-sizes', '4', '32'], '--train-img-sizes must all be >= 8'),

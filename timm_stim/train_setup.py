@@ -80,8 +80,9 @@ def create_stim_options(args):
                  sizes='stim_sizes', bn='stim_bn')
     if args.naflex_loader and args.stim_min_scale is None:  # patch-sequence batches cannot be resized
         args.stim_min_scale = 1.0
-        _logger.info('ST++ smaller subnet inputs off: --naflex-loader batches are patch sequences of varying '
-                     'length already')
+        if args.stim == 'st++':
+            _logger.info('ST++ smaller subnet inputs off: --naflex-loader batches are patch sequences of varying '
+                         'length already')
     main_logits = {'standardized': True, 'raw': False}.get(args.stim_main_logits)
     try:
         config = create_stim_config(
@@ -122,6 +123,9 @@ def create_model(args, stim_config) -> nn.Module:
             checkpoint_path=args.initial_checkpoint, **factory, **kwargs)
     except TypeError as e:
         raise UsageError(f'cannot create {name} with {kwargs}: {e}') from None
+    if args.naflex_loader and not hasattr(model, 'get_patch_size'):  # it would fail on the first patch batch
+        raise UsageError(f'--naflex-loader needs a NaFlex model that takes patch sequences (get_patch_size(), e.g. '
+                         f'naflexvit_base_patch16_gap); {name} takes images: drop --naflex-loader')
     with torch.no_grad():
         if args.head_init_scale is not None:
             model.get_classifier().weight.mul_(args.head_init_scale)
@@ -353,9 +357,6 @@ def _create_naflex_loaders(args, datasets, mixup_active, mixup_args, patch_size,
     if mixup_active:
         from timm.data import NaFlexMixup
         mixup_fn = NaFlexMixup(**{k: v for k, v in mixup_args.items() if k not in ('mode', 'cutmix_minmax')})
-    if patch_size is None:
-        patch_size = (16, 16)
-        _logger.warning(f'The model does not tell its patch size (get_patch_size): NaFlex uses {patch_size}')
     patches = dict(patch_size=patch_size)
     if args.naflex_patch_sizes:  # variable patch sizes, drawn per batch
         patches = dict(patch_size_choices=args.naflex_patch_sizes, patch_size_choice_probs=args.naflex_patch_size_probs)
