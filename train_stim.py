@@ -36,15 +36,16 @@ from timm.data import resolve_data_config
 from timm.utils import AverageMeter, accuracy, dispatch_clip_grad, distribute_bn, random_seed
 
 from timm_stim import parse_space, recalibrate_bn
-from timm_stim.cli import UsageError, one_line, report_error
+from timm_stim.cli import UsageError, one_line, report_error, setup_step
 from timm_stim.data import DataConfigError, is_digits
+from timm_stim.finetune import measure_subnets, prepare_finetune
 from timm_stim.hub import HubPushError
-from timm_stim.run_exports import export_run
+from timm_stim.run_exports import export_run, plain_copy
 from timm_stim.run_state import (AtomicCheckpointSaver, CheckpointContents, TrainingDiverged,
                                  check_finite_metrics, create_run_folder, restore_rng_states, resume,
-                                 rng_states, write_summary_row)
+                                 rng_states, run_folder_path, write_summary_row)
 from timm_stim.train_args import build_parser, check_args as check_flag_values, parse_args as parse_flags
-from timm_stim.train_setup import (apply_digits_defaults, compile_and_distribute, create_amp,
+from timm_stim.train_setup import (apply_digits_defaults, check_transforms, compile_and_distribute, create_amp,
                                    create_criterion, create_datasets, create_loaders, create_lr_scheduler,
                                    create_model, create_optimizer, create_stim_options, create_task,
                                    create_train_stimulator, init_runtime, prepare_model, resolve_lr)
@@ -78,7 +79,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     args = parse_flags(argv, default_config=default_config)
     args.digits_recipe = bool(args.default_config)
+    args.explicit_keys = explicit_keys(argv, args)
     return args
+
+
+def explicit_keys(argv, args) -> set:
+    """The flags the user set: on the command line or in their own -c config (not the built-in digits recipe).
+    --finetune fills only the others."""
+    strip = argparse.ArgumentParser(add_help=False)
+    strip.add_argument('-c', '--config')
+    _, remaining = strip.parse_known_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given, _ = parser.parse_known_args(remaining)
+    return set(vars(given)) | (set(args.config_keys) if args.config else set())
 
 
 def check_args(args) -> None:
@@ -130,45 +145,74 @@ def train(args) -> int:
     The order is timm's train.py, so that `--stim none` draws the same random numbers and trains the same run.
     """
     start_time = time.time()
-    device, model_dtype = init_runtime(args)
-    # Seed once, before the model is built, per rank, as timm does: DDP copies rank 0's weights to every rank,
-    # the data order, augmentation and stochastic depth differ per rank. No re-seeding later.
-    random_seed(args.seed, args.rank)
-    apply_digits_defaults(args, DIGITS_RECIPE)  # the digits data config, unless a flag or the config sets it
+    # Set-up is a transaction: everything the flags decide is built and checked here, and any failure is bad input
+    # (exit 2, one line naming the flags: setup_step), before the first byte is written.
+    with setup_step('set-up failed', 'check the flags and files this run was given'):  # any step not named below
+        device, model_dtype = init_runtime(args)
+        # Seed once, before the model is built, per rank, as timm does: DDP copies rank 0's weights to every rank,
+        # the data order, augmentation and stochastic depth differ per rank. No re-seeding later.
+        random_seed(args.seed, args.rank)
+        finetune = prepare_finetune(args)  # --finetune: the source's model flags, the fine-tune defaults (logged)
+        apply_digits_defaults(args, DIGITS_RECIPE)  # the digits data config, unless a flag or the config sets it
+        stim_config = create_stim_options(args)
+        model = create_model(args, stim_config, finetune)
+        with setup_step('cannot resolve the data config', 'check --input-size, --img-size, --mean, --std'):
+            data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
+        with setup_step('cannot prepare the model', 'check --channels-last, --sync-bn, --model-dtype'):
+            model = prepare_model(model, args, device, model_dtype)
+        with setup_step(f'cannot set up --stim {args.stim}', 'check the --stim-* flags'):
+            stimulator = create_train_stimulator(model, stim_config, args, full_size=data_config['input_size'][1])
+        if args.export_subnets:  # the spec against this model's real layout: refused now, not after training
+            with setup_step(f'--export-subnets {args.export_subnets} does not fit --model {args.model}',
+                            'give depths, keep-masks or pareto:N of this model\'s residual blocks'):
+                from timm_stim.export import check_export_spec
+                check_export_spec(model, args.export_subnets)
+        amp_autocast, loss_scaler = create_amp(args, device, model_dtype)
+        with setup_step('cannot read the data', 'check --data-dir, --dataset and the split flags'):
+            datasets = create_datasets(args, data_config)
+        mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+        patch_size = model.get_patch_size() if args.naflex_loader else None
+        with setup_step('cannot build the data loaders', 'check the data, augmentation and loader flags'):
+            loaders = create_loaders(args, data_config, datasets, device, mixup_active, model_dtype, patch_size)
+        check_transforms(loaders)  # one image through each transform, every RNG restored
+        loader_train, loader_eval = loaders.train, loaders.eval
+        resolve_lr(args, loaders.batch_reference)  # without --lr: timm's scaling of --lr-base to the global batch
+        with setup_step('cannot build the loss', 'check --smoothing, --bce-*, --kd-* and the mixup flags'):
+            task = create_task(args, model, stimulator, create_criterion(args, mixup_active), device, model_dtype,
+                               loss_scaler)
+        with setup_step(f'cannot create --opt {args.opt}', 'check --opt-eps, --opt-betas, --momentum, '
+                        '--opt-kwargs, --weight-decay and --layer-decay'):
+            optimizer = create_optimizer(args, model, task.criterion)
+        if args.model_ema:  # before --resume, which restores it; the EMA is what eval_* reports, as in timm
+            with setup_step('cannot set up --model-ema', 'check --model-ema-decay and --model-ema-force-cpu'):
+                task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                               device='cpu' if args.model_ema_force_cpu else None)
+        start_epoch, train_state = resume(args, task, optimizer, loss_scaler) if args.resume else (0, {})
+        start_epoch = args.start_epoch if args.start_epoch is not None else start_epoch
+        # Compile (the full pass, or block by block: never per skip pattern), then DDP: one all-reduce per step.
+        with setup_step(f'cannot compile (--torchcompile {args.torchcompile}) or distribute the model',
+                        'check --torchcompile, --torchcompile-mode and --stim-compile'):
+            compile_and_distribute(task, args, device)
+        eval_metric = args.eval_metric if loader_eval is not None else 'loss'  # no validation: rank by train loss
+        updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+        with setup_step(f'cannot create --sched {args.sched}', 'check the --sched, --lr-*, --warmup-*, --decay-* '
+                        'and --epochs flags'):
+            lr_scheduler, num_epochs = create_lr_scheduler(args, optimizer, updates_per_epoch, start_epoch,
+                                                           decreasing=eval_metric == 'loss')
 
-    # Model, stimulator and data: every input error surfaces here, before anything is written.
-    stim_config = create_stim_options(args)
-    model = create_model(args, stim_config)
-    data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
-    model = prepare_model(model, args, device, model_dtype)
-    stimulator = create_train_stimulator(model, stim_config, args, full_size=data_config['input_size'][1])
-    amp_autocast, loss_scaler = create_amp(args, device, model_dtype)
-    datasets = create_datasets(args, data_config)
-    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    patch_size = model.get_patch_size() if args.naflex_loader else None
-    loaders = create_loaders(args, data_config, datasets, device, mixup_active, model_dtype, patch_size)
-    loader_train, loader_eval = loaders.train, loaders.eval
-    resolve_lr(args, loaders.batch_reference)  # without --lr: timm's scaling of --lr-base to the global batch
-    task = create_task(args, model, stimulator, create_criterion(args, mixup_active), device, model_dtype,
-                       loss_scaler)
-    optimizer = create_optimizer(args, model, task.criterion)
-    if args.model_ema:  # before --resume, which restores it; the EMA is what eval_* reports, as in timm
-        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
-                       device='cpu' if args.model_ema_force_cpu else None)
-    start_epoch, train_state = resume(args, task, optimizer, loss_scaler) if args.resume else (0, {})
-    start_epoch = args.start_epoch if args.start_epoch is not None else start_epoch
-    # Compile (the full pass, or block by block: never per skip pattern), then DDP: one all-reduce per step.
-    compile_and_distribute(task, args, device)
-    eval_metric = args.eval_metric if loader_eval is not None else 'loss'  # no validation: rank by train loss
-    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_lr_scheduler(args, optimizer, updates_per_epoch, start_epoch,
-                                                   decreasing=eval_metric == 'loss')
-
-    # Outputs, on rank 0 only: nothing has been written before this point.
+    # Outputs, on rank 0 only: nothing has been written before this point. A run folder from elsewhere (resumed in
+    # place) is checked for links first: a run never writes through one.
     saver, output_dir, contents = None, None, CheckpointContents(task)
     if args.rank == 0:
-        output_dir, saver = create_run_folder(args, data_config, model, optimizer, loss_scaler, contents,
-                                              decreasing=eval_metric == 'loss')
+        output_dir = run_folder_path(args, data_config)
+        saver = create_run_folder(args, output_dir, model, optimizer, loss_scaler, contents,
+                                  decreasing=eval_metric == 'loss')
+    if finetune is not None:
+        _logger.info(f'Fine-tune of {finetune.label} ({finetune.source}): {finetune.describe()}')
+        if args.rank == 0 and loader_eval is not None and not args.resume:  # what the model is now
+            finetune.before = measure_subnets(plain_copy(args, task.model.state_dict(), device), args, data_config,
+                                              device, os.path.join(output_dir, 'loafing_before'),
+                                              f'{finetune.label} before the fine-tune')
     if train_state:  # resumed: continue the random streams where the interrupted run stopped
         restore_rng_states(train_state.get('rng'), args)
 
@@ -204,7 +248,7 @@ def train(args) -> int:
         torch.distributed.destroy_process_group()
     # Rank 0 alone, on a plain copy of the final weights: --loafing-eval, --export-subnets, --push-to-hub.
     if args.rank == 0 and (args.push_to_hub or args.loafing_eval or args.export_subnets):
-        export_run(args, task, output_dir, data_config, device, eval_metrics, best_metric, best_epoch)
+        export_run(args, task, output_dir, data_config, device, eval_metrics, best_metric, best_epoch, finetune)
     return 0
 
 
@@ -300,6 +344,7 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, loss_scaler=No
             with amp_autocast():
                 out = task(input, target)
             loss = out['loss'] / steps
+            logged = loss.detach()  # timm logs this divided loss times the accumulation steps (float64 arithmetic)
             if loss_scale != 'none':
                 loss = scale * loss
             params = task.get_clip_parameters(exclude_head='agc' in args.clip_mode)
@@ -316,7 +361,7 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, loss_scaler=No
         # Running sums stay on the device: read back (one sync) only at log points.
         count += n
         stim_loss = out.get('stim_loss', 0 * out['main_loss'])
-        sums += torch.stack([out['loss'].detach(), out['main_loss'], stim_loss]) * n
+        sums += torch.stack([logged.double() * steps, out['main_loss'].double(), stim_loss.double()]) * n
         if out['draws']:
             summary = stimulator.depth_summary(out['draws'])
             depth, size = depth + summary['depth_frac'] * n, size + summary['size'] * n
@@ -397,7 +442,7 @@ def batch_loss_scale(n: int, mode: str, reference: Optional[float], args, device
         return 1.0
     scale = n / reference if mode == 'linear' else (n / reference) ** 0.5
     if args.distributed and args.naflex_loader:
-        total = torch.tensor(float(n), device=device)
+        total = torch.full((), float(n), device=device)  # a fill on the device: no copy from the host per step
         torch.distributed.all_reduce(total)
         scale = scale * args.world_size * n / total
     return scale
@@ -444,7 +489,8 @@ def evaluate(epoch, task, loader_train, loader_eval, args, device, amp_autocast=
         if net is None:
             continue
         if args.stim_bn_recal:  # the authors re-estimate BN statistics before every evaluation
-            used = recalibrate_bn(net, loader_train, args.stim_bn_recal, device=device)
+            used = recalibrate_bn(net, loader_train, args.stim_bn_recal, device=device, dtype=model_dtype,
+                                  autocast=amp_autocast)
             _logger.info(f'Re-estimated BatchNorm statistics of the {name} on {used} training images '
                          f'per process')
         if distribute:  # --dist-bn: every rank evaluates with the same BN statistics

@@ -50,6 +50,9 @@ CONFIGS = {
                                          '--grad-accum-steps', '2', '--clip-grad', '1.0', '--reprob', '0.25',
                                          '--drop-path', '0.1', '--sched', 'cosine', '--sched-on-updates',
                                          '--warmup-epochs', '1'],
+    # 3-step accumulation (with a shorter last accumulation): the logged loss is timm's divided float32 loss x 3
+    'sgd_accum3': ['--opt', 'sgd', '--lr', '0.05', '--sched', 'cosine', '--warmup-epochs', '0',
+                   '--grad-accum-steps', '3'],
     # timm's scheduled-resolution loader: two sizes, two batch sizes, per-batch linear loss scale
     'scheduled_sizes': ['--opt', 'sgd', '--lr', '0.05', '--sched', 'cosine', '--warmup-epochs', '0',
                         '--train-img-sizes', '24', '32', '--train-batch-sizes', '48', '32',
@@ -140,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument('--timm-train', required=True, help="timm's train.py")
     p.add_argument('--out', default=str(DATA), help='where to write the JSON / YAML records')
     args = p.parse_args(argv)
+    import numpy
+    import PIL
     import timm
     import torch
     out = Path(args.out)
@@ -147,6 +152,7 @@ def main(argv=None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
     record = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                   timm=timm.__version__, torch=torch.__version__, python=platform.python_version(),
+                  pillow=PIL.__version__, numpy=numpy.__version__,  # image decoding / resizing change the numbers
                   machine=platform.machine(), timm_train=os.path.basename(args.timm_train),
                   per_class=PER_CLASS, common=COMMON, configs={})
     with tempfile.TemporaryDirectory() as tmp:

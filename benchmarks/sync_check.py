@@ -13,12 +13,15 @@ validation, checkpoints) is not counted.
 
 CUDA: `torch.cuda.set_sync_debug_mode` is switched on for every step after the warm-up: 'warn' records every
 synchronising call (its Python stack) and lets training go on; 'error' makes a watched step's first sync raise,
-which stops the run and is reported with its stack. Log steps always run in 'warn' mode (recorded, expected).
+which stops the run and is reported with its stack (training then runs without train_stim.main's catch-all,
+so the exception keeps the line). Log steps always run in 'warn' mode (recorded, expected).
 
 CPU (no device, no real sync): a TorchDispatchMode counts what would sync on a GPU: aten._local_scalar_dense
 (`.item()`, `float(t)`, `bool(t)`, `if t:`), data-dependent shapes (nonzero, masked_select, unique, boolean
-indexing) and `Tensor.tolist()` / `.numpy()` / `.cpu()`. Tensors drawn from an explicit torch.Generator (the
-subnet sampler's CPU RNG) and their descendants stay on the host in a GPU run too and are not counted.
+indexing), `Tensor.tolist()` / `.numpy()` / `.cpu()` and tensors made from Python data (`torch.tensor(x)`,
+`torch.as_tensor(x)`: on a GPU a copy from pageable host memory, which waits). Tensors drawn from an explicit
+torch.Generator (the subnet sampler's CPU RNG) and their descendants stay on the host in a GPU run too and are not
+counted. `--cuda-mode error` on CPU stops at the counter's first event in a watched step, as on CUDA.
 Run the CPU check without --torchcompile (a dispatch mode and dynamo do not mix).
 
 Exit code: train_stim's own if it failed, else 1 if a watched step synchronised, else 0. Per-step counts and
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import logging
 import os
 import sys
 import traceback
@@ -43,11 +47,16 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import train_stim  # noqa: E402
+from timm_stim.cli import report_error  # noqa: E402
+from timm_stim.data import DataConfigError  # noqa: E402
 
 aten = torch.ops.aten
 SCALAR_OPS = {aten._local_scalar_dense.default}
 DATA_DEPENDENT_OPS = {aten.nonzero.default, aten.masked_select.default, aten._unique2.default,
                       aten.unique_dim.default, aten.unique_consecutive.default}
+# a tensor made from Python data (torch.tensor, torch.as_tensor of a number or list): on a GPU, a copy from pageable
+# host memory that waits for the device
+HOST_DATA_OPS = {aten.lift_fresh.default}
 HOST_METHODS = ('tolist', 'numpy', 'cpu')
 
 
@@ -73,6 +82,7 @@ class StepRecorder:
         self.current: Optional[Dict[str, Any]] = None
         self.steps: List[Dict[str, Any]] = []
         self.mode = None if cuda_mode else HostSyncCounter(self)
+        self.stop_on_sync = False  # CPU: raise at the first would-be sync of a watched step
 
     def begin(self, epoch: int, batch_idx: int, num_batches: int, log_interval: int, accum: int) -> None:
         last = batch_idx == num_batches - 1
@@ -102,6 +112,12 @@ class StepRecorder:
         if self.current is not None:
             self.current['syncs'] += 1
             self.current['events'].append(dict(kind=kind, **_where(frames)))
+            if self.stop_on_sync and self.current['watched']:  # CPU stand-in for CUDA's 'error' mode
+                raise WatchedStepSynchronized(f'{kind}: would synchronize host and device in a watched step')
+
+
+class WatchedStepSynchronized(RuntimeError):
+    """The CPU counter's --cuda-mode error: raised at the op, so the traceback names the line."""
 
 
 class HostSyncCounter(TorchDispatchMode):
@@ -124,7 +140,8 @@ class HostSyncCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
         host_inputs = kwargs.get('generator') is not None or (tensors and all(self._is_host(t) for t in tensors))
-        if not host_inputs and (func in SCALAR_OPS or func in DATA_DEPENDENT_OPS or _bool_index(func, args)):
+        if not host_inputs and (func in SCALAR_OPS or func in DATA_DEPENDENT_OPS or func in HOST_DATA_OPS
+                                or _bool_index(func, args)):
             self.recorder.record(str(func.overloadpacket.__name__), traceback.extract_stack())
         out = func(*args, **kwargs)
         if host_inputs:
@@ -194,9 +211,24 @@ def _warning_hook(recorder: StepRecorder, previous):
     return show
 
 
-def run_checked(train_argv: List[str], warmup_steps: int, cuda_mode: Optional[str]) -> Dict[str, Any]:
-    """train_stim.main(train_argv) with the epoch loop wrapped; returns the per-step record."""
+def _train(argv: List[str]) -> int:
+    """train_stim.main without its catch-all: a RuntimeError of a watched step (CUDA's sync 'error' mode, the CPU
+    counter's) reaches the caller with its traceback, i.e. the line that synchronised; bad input exits 2 as there."""
+    logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout)
+    try:
+        args = train_stim.parse_args(argv)
+        train_stim.check_args(args)
+        return train_stim.train(args)
+    except (train_stim.UsageError, DataConfigError) as e:
+        return report_error(e, 2)
+
+
+def run_checked(train_argv: List[str], warmup_steps: int, cuda_mode: Optional[str],
+                stop_on_sync: bool = False) -> Dict[str, Any]:
+    """train_stim's training (main, or with `stop_on_sync` / cuda_mode 'error' the uncaught path) with the epoch loop
+    wrapped; returns the per-step record. `stop_on_sync` makes the CPU counter raise at a watched step's first sync."""
     recorder = StepRecorder(warmup_steps, cuda_mode)
+    recorder.stop_on_sync = stop_on_sync and not cuda_mode
     original = train_stim.train_one_epoch
 
     def marked_epoch(epoch, task, loader, optimizer, args, *rest, **kwargs):
@@ -209,22 +241,25 @@ def run_checked(train_argv: List[str], warmup_steps: int, cuda_mode: Optional[st
     train_stim.train_one_epoch = marked_epoch
     previous_show = warnings.showwarning
     error = None
+    stopping = cuda_mode == 'error' or recorder.stop_on_sync
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('always')
             warnings.showwarning = _warning_hook(recorder, previous_show)
             try:
-                code = train_stim.main(train_argv)
-            except RuntimeError as e:  # --cuda-mode error: the first sync of a watched step raises
+                code = _train(train_argv) if stopping else train_stim.main(train_argv)
+            except RuntimeError as e:  # the first sync of a watched step raised: report where, stop the run
+                if not (stopping and recorder.steps and 'synchroniz' in str(e)):
+                    raise
                 code = 1
                 error = f'{type(e).__name__}: {str(e).splitlines()[0]}'
-                if recorder.steps and 'synchroniz' in str(e):
+                if not isinstance(e, WatchedStepSynchronized):  # CUDA: the event is the exception itself
                     step = recorder.steps[-1]
                     step['syncs'] += 1
                     step['events'].append(dict(kind='cuda sync (error)',
                                                **_where(traceback.extract_tb(e.__traceback__))))
-                else:
-                    raise
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.destroy_process_group()
     finally:
         train_stim.train_one_epoch = original
         warnings.showwarning = previous_show
@@ -260,7 +295,8 @@ def parse_args(argv=None):
                                 usage='%(prog)s [options] -- <train_stim.py arguments>')
     p.add_argument('--warmup-steps', type=int, default=3, help='steps of the run not watched (compile, autotuning)')
     p.add_argument('--cuda-mode', default='warn', choices=['warn', 'error'],
-                   help="CUDA: torch.cuda.set_sync_debug_mode for the watched steps")
+                   help="CUDA: torch.cuda.set_sync_debug_mode for the watched steps ('error': the first sync stops "
+                        "the run, reported with its line); on CPU 'error' stops at the counter's first")
     p.add_argument('--json', default=None, help='write the report here')
     p.add_argument('train_args', nargs=argparse.REMAINDER, help='after --: the arguments of train_stim.py')
     args = p.parse_args(argv)
@@ -274,9 +310,11 @@ def main(argv=None) -> int:
     train_args = args.train_args
     device = next((train_args[i + 1] for i, a in enumerate(train_args[:-1]) if a == '--device'), None)
     cuda = torch.cuda.is_available() and (device is None or device.startswith('cuda'))
-    report = run_checked(train_args, args.warmup_steps, args.cuda_mode if cuda else None)
+    report = run_checked(train_args, args.warmup_steps, args.cuda_mode if cuda else None,
+                         stop_on_sync=args.cuda_mode == 'error')
     method = (f'torch.cuda.set_sync_debug_mode({args.cuda_mode!r})' if cuda
-              else 'TorchDispatchMode: _local_scalar_dense, data-dependent shapes, tolist/numpy/cpu')
+              else 'TorchDispatchMode: _local_scalar_dense, data-dependent shapes, tolist/numpy/cpu, tensors made '
+                   'from Python data' + (' (error: stop at the first)' if args.cuda_mode == 'error' else ''))
     report.update(device='cuda' if cuda else 'cpu', method=method, warmup_steps=args.warmup_steps,
                   train_args=train_args, torch=torch.__version__)
     rank = int(os.environ.get('RANK', 0))
@@ -287,6 +325,8 @@ def main(argv=None) -> int:
               f"{[s['syncs'] for s in report['log_steps']]}")
         for where, n in report['watched_locations'].items():
             print(f'  {n:>4}x {where}')
+        for event in report['first_events'][:3]:  # the line itself, e.g. `loss.item()`
+            print(f"  line: {event['project'] or event['innermost']}: {event['code'] or '?'}")
         if report['error']:
             print(f"  stopped by: {report['error']}")
         if args.json:

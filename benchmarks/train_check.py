@@ -3,7 +3,8 @@
 
     python benchmarks/train_check.py data --root DIR [--classes 4 --train-per-class 1280 --val-per-class 64 --size 256]
     python benchmarks/train_check.py check --run-dir OUT/EXP --log RUN.log --model resnet50 --num-classes 4 \\
-        [--exit-code N] [--loop-json loop.json] [--max-recompiles 8] --json result.json
+        [--exit-code N] [--loop-json loop.json] [--max-recompiles 8] [--expect-log TEXT ...] [--epochs N] \\
+        --json result.json
 
 `data` writes an ImageNet-shaped folder (DIR/train/<class>/*.jpg, DIR/validation/<class>/*.jpg): JPEGs of random
 smooth colour fields, a few classes, so that timm's ImageFolder reader, decoding and augmentation run as on
@@ -14,7 +15,8 @@ block each), against --max-recompiles; model_best.pth.tar (and its EMA weights) 
 stores the args as, allow-listed when needed) into a plain `timm.create_model` with strict
 load_state_dict; and the img/s train_stim.py logs (median of its log lines after the first epoch, which
 compiles) against the step benchmark's img/s for the same model, batch and settings (step_cost.py
---script-loop-config JSON: 'minimal_img_s'), with the ratio.
+--script-loop-config JSON: 'minimal_img_s'), with the ratio; each --expect-log text found in the log (the DDP,
+loss-scaling, BN re-estimation and resume lines), and with --epochs that many rows in summary.csv.
 Exit code of `check`: 0 when every check passes, 1 otherwise.
 """
 from __future__ import annotations
@@ -118,6 +120,13 @@ def train_speed(log_text: str, skip_epochs: int = 1) -> Dict[str, Any]:
             'img_s_median': statistics.median(steady) if steady else None, 'img_s_lines': [v for _, _, v in lines]}
 
 
+def check_log_lines(log_text: str, expected) -> Dict[str, Any]:
+    """Each expected text (e.g. 'Distributed: 1 processes': the run joined a process group and DDP wrapped the
+    model) found in the log."""
+    missing = [text for text in expected if text not in log_text]
+    return {'ok': not missing, 'expected': list(expected), 'missing': missing}
+
+
 def check_run(args) -> Dict[str, Any]:
     with open(args.log, errors='replace') as f:
         log_text = f.read()
@@ -129,6 +138,7 @@ def check_run(args) -> Dict[str, Any]:
         'checkpoint': check_checkpoint(os.path.join(args.run_dir, 'model_best.pth.tar'), args.model,
                                        args.num_classes),
         'speed': train_speed(log_text, args.skip_epochs),
+        'log_lines': check_log_lines(log_text, args.expect_log or []),
     }
     if args.loop_json and os.path.exists(args.loop_json):
         with open(args.loop_json) as f:
@@ -137,7 +147,10 @@ def check_run(args) -> Dict[str, Any]:
         got = result['speed']['img_s_median']
         result['speed'].update(step_benchmark_img_s=ref, script_loop_img_s=loop.get('script_img_s'),
                                vs_step_benchmark=(got / ref) if got and ref else None)
-    result['ok'] = all(result[k]['ok'] for k in ('exit', 'summary', 'recompiles', 'checkpoint'))
+    result['ok'] = all(result[k]['ok'] for k in ('exit', 'summary', 'recompiles', 'checkpoint', 'log_lines'))
+    if args.epochs is not None:  # e.g. a resumed run: the summary holds every epoch, the resumed ones included
+        result['summary']['expected_epochs'] = args.epochs
+        result['ok'] = result['ok'] and result['summary'].get('epochs') == args.epochs
     return result
 
 
@@ -160,6 +173,9 @@ def parse_args(argv=None):
     c.add_argument('--max-recompiles', type=int, default=8)
     c.add_argument('--skip-epochs', type=int, default=1, help='epochs left out of the img/s median (compile)')
     c.add_argument('--loop-json', default=None, help='step_cost.py JSON with a script_loop comparison')
+    c.add_argument('--expect-log', action='append', default=None, metavar='TEXT',
+                   help='text the log must hold (repeatable), e.g. "Distributed: 1 processes"')
+    c.add_argument('--epochs', type=int, default=None, help='epochs summary.csv must hold (a resumed run: all)')
     for q in (d, c):
         q.add_argument('--json', default=None, help='write the result here')
     return p.parse_args(argv)
@@ -184,6 +200,7 @@ def main(argv=None) -> int:
           f"recompiles {result['recompiles']['recompiles']} (limit {result['recompiles']['limit']}), "
           f"checkpoint {result['checkpoint'].get('state_dict', result['checkpoint'].get('problem'))}"
           + (f", EMA {result['checkpoint']['state_dict_ema']}" if 'state_dict_ema' in result['checkpoint'] else '')
+          + (f"; missing from the log: {result['log_lines']['missing']}" if result['log_lines']['missing'] else '')
           + f"; train_stim img/s {s['img_s_median']}"
           + (f" vs step benchmark {s['step_benchmark_img_s']:.1f}: {s['vs_step_benchmark']:.3f}x"
              if s.get('vs_step_benchmark') else ''))

@@ -204,6 +204,6 @@ def test_gpu_bench_cpu_branch_sets_up(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "CPU dry run" in res.stdout
-    assert "unknown section nosuch (use r50, deit, compile (= compile_r50 compile_deit), loop, train, sync)" \
+    assert "unknown section nosuch (use sync, resume, train, loop, r50, deit, compile (= compile_r50 compile_deit))" \
         in res.stdout
     assert 'torch' in (tmp_path / 'env.txt').read_text()

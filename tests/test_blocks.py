@@ -99,6 +99,18 @@ DISCOVERY_CASES = [
     ('pit_ti_224', dict(img_size=64), None, (2, 6, 4), (2, 6, 4)),
     # Twins-SVT-S depths 2/2/10/4; patch embeds are outside the blocks.
     ('twins_svt_small', dict(img_size=64), None, (2, 2, 10, 4), (2, 2, 10, 4)),
+    # GhostNet: timm taps features after blocks.1/3/5/7 (the strided blocks); the blocks in between are grouped by
+    # resolution: blocks.0 (/2) alone, then (strided, 1 at its resolution) at /4 and /8, 3+3 at /16, 1+4 at /32.
+    ('ghostnet_100', {}, C64, (1, 2, 2, 6, 5), (1, 1, 1, 4, 4)),
+    # Xception-41: 12 XceptionModules; entry flow blocks.0-2 and exit blocks.11 have projection shortcuts (fixed),
+    # blocks.12 has no skip; the middle flow blocks.3-10 runs at /16 with the strided blocks.2. timm's feature_info
+    # taps an activation inside blocks 0, 1, 2 and 11: those blocks are still blocks.
+    ('xception41', {}, C64, (1, 1, 9, 2), (0, 0, 8, 0)),
+    # Legacy Xception: block1-3 and block12 change shape, block4-11 are the middle flow.
+    ('legacy_xception', {}, C64, (1, 1, 9, 1), (0, 0, 8, 0)),
+    # EfficientViT (MIT) B0: the stem's DSConv residual block (/2) is a stage of its own; the stages hold a
+    # strided MBConv and 1 MBConv (stages 0-1) or 2 EfficientViT blocks (stages 2-3).
+    ('efficientvit_b0', {}, C64, (1, 2, 2, 3, 3), (1, 1, 1, 2, 2)),
 ]
 
 
@@ -144,7 +156,85 @@ def test_discovery_cait_class_attention_reason():
     # named explicitly, they are refused: they take (x, x_cls) and return only the class token
     explicit = find_residual_blocks(model, blocks=['blocks.23', 'blocks_token_only.0', 'blocks_token_only.1'])
     assert [b.skippable for b in explicit.blocks] == [True, False, False]
-    assert all(b.reason for b in explicit.blocks[1:])
+    assert [b.class_token_only for b in explicit.blocks] == [False, True, True]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Structural rules: class-token blocks, parameter-free identities, stages by resolution and kind, refusals
+
+def _tiny_volo():
+    """timm's VOLO with one block per stage but two in the third: four stages, three at 1/16 resolution."""
+    from timm.models.volo import VOLO
+    torch.manual_seed(0)
+    return VOLO(layers=(1, 1, 2, 1), img_size=32, embed_dims=(32, 64, 64, 64), num_heads=(1, 2, 2, 2),
+                num_classes=10)
+
+
+def test_volo_class_blocks_are_not_blocks():
+    model = _tiny_volo()
+    layout = find_residual_blocks(model, input_size=(3, 32, 32))
+    # the post_network ClassBlocks are left out; network.2/3/4 sit at one reduction but are three stages
+    assert layout.paths == ('network.0.0', 'network.2.0', 'network.3.0', 'network.3.1', 'network.4.0')
+    assert layout.stage_sizes == (1, 1, 2, 1) and layout.num_skippable == 5
+    explicit = find_residual_blocks(model, blocks=['network.4.0', 'post_network.0', 'post_network.1'],
+                                    input_size=(3, 32, 32))
+    assert [b.class_token_only for b in explicit.blocks] == [False, True, True]
+    assert not any(b.skippable for b in explicit.blocks[1:])
+    # what the rule saw: a class block hands the patch tokens on unchanged and updates the class token
+    seen = {}
+    model.post_network[0].register_forward_hook(lambda m, a, o: seen.update(x=a[0], y=o))
+    with torch.no_grad():
+        model.eval()(torch.randn(2, 3, 32, 32))
+    assert torch.equal(seen['y'][:, 1:], seen['x'][:, 1:]) and not torch.equal(seen['y'][:, :1], seen['x'][:, :1])
+
+
+def test_parameter_free_identity_is_not_a_block():
+    # NextViT with depths 1/2/5/2: conv blocks 1/1/4/1, the first of each stage widens; the transformer blocks
+    # concatenate (they change the width) and their patch_embed, all Identity children, is no block
+    model = timm.create_model('nextvit_small', depths=(1, 2, 5, 2), num_classes=10)
+    layout = find_residual_blocks(model, input_size=C64)
+    assert layout.stage_sizes == (1, 1, 4, 1) and layout.skippable_sizes == (0, 0, 3, 0)
+    assert {type(m).__name__ for m in layout.modules(model)} == {'NextConvBlock'}
+    identity = model.get_submodule('stages.1.blocks.1.patch_embed')
+    assert not list(identity.parameters())
+    x = torch.randn(2, 96, 8, 8)
+    assert torch.equal(identity(x), x)
+    with pytest.raises(NoResidualBlocksError, match='has no parameters: an identity or activation function'):
+        find_residual_blocks(model, blocks=['stages.1.blocks.1.patch_embed'], input_size=C64)
+
+
+def test_conv_stem_blocks_do_not_share_a_stage_with_transformer_blocks():
+    # ViTamin: an MbConv stem of 2 + 4 blocks (/2 and /4, the first of each strided) inside patch_embed, which
+    # timm's feature_info does not list, then the transformer blocks (tokens at /16)
+    model = timm.create_model('vitamin_small_224', img_size=64, depth=4, num_classes=10)
+    layout = find_residual_blocks(model, input_size=C64)
+    assert layout.stage_sizes == (2, 4, 4) and layout.skippable_sizes == (1, 3, 4)
+    kinds = [{type(model.get_submodule(layout.paths[i])).__name__ for i in layout.stage_indices(s)} for s in range(3)]
+    assert kinds == [{'MbConvLNBlock'}, {'MbConvLNBlock'}, {'Block'}]
+
+
+def test_refusal_says_what_was_found():
+    model = timm.create_model('resnest14d', num_classes=10)
+    assert all(model.get_submodule(f'layer{i}.0').downsample is not None for i in range(1, 5))  # projections
+    with pytest.raises(NoResidualBlocksError) as info:
+        find_residual_blocks(model, input_size=(3, 32, 32))
+    message = str(info.value)
+    assert message.startswith("resnest14d has nothing to skip: found 4 blocks (layer1.0, layer2.0, layer3.0, "
+                              "layer4.0), all 4 change their input's shape")
+    assert 'a deeper variant' in message and len(message.splitlines()) == 1
+    # ... and what it advises works: ResNeSt-26 (two blocks per stage) has one skippable block per stage
+    deeper = find_residual_blocks(timm.create_model('resnest26d', num_classes=10), input_size=(3, 32, 32))
+    assert deeper.skippable_sizes == (1, 1, 1, 1)
+
+
+def test_xception_projection_blocks_are_fixed_blocks():
+    model = timm.create_model('xception41', num_classes=10)
+    layout = find_residual_blocks(model, input_size=C64)
+    assert layout.paths == tuple(f'blocks.{i}' for i in range(13))
+    fixed = [b.path for b in layout.blocks if not b.skippable]
+    with_projection = [f'blocks.{i}' for i, m in enumerate(model.blocks) if m.shortcut is not None]
+    assert with_projection == ['blocks.0', 'blocks.1', 'blocks.2', 'blocks.11']
+    assert fixed == with_projection + ['blocks.12']  # the exit block has no skip at all
 
 
 # --------------------------------------------------------------------------------------------------------

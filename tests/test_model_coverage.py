@@ -2,7 +2,8 @@
 
 The expected layout of every model comes from timm's own structure, not from timm_stim: the blocks are the
 instances of the family's block class (from timm's source), the stages are the model's `feature_info` entries
-(entries at one reduction form one stage; blocks after the last entry form one more), and a block is skippable
+(entries at one reduction form one stage; blocks after the last entry form one more; a block outside every entry
+belongs to the entry at its output's reduction), and a block is skippable
 when a forward hook sees it keep its input's shape, it is not handed a shortcut other than its input (DLA), and
 timm's attributes give it a skip (`has_skip`; a Swin-V2-CR block with a final `norm3` has none). `MODELS` is
 also the source of docs/models.md (`python -m tests.test_model_coverage` regenerates it).
@@ -71,6 +72,69 @@ MODELS = [
     ('hgnetv2_b0', 'HGNetV2', ('HighPerfGpuBlock',), {}, 32, 0.75, ''),
 ]
 
+# Families checked at the layout level only (discovery and stages; no training step): the expected layouts were
+# checked by hand against timm's definitions (depths per stage; blocks that change the width or resolution are
+# fixed). (model, family, block classes, create kwargs, input size, stage sizes, skippable sizes, note)
+LAYOUTS = [
+    ('res2net50_14w_8s', 'Res2Net', ('Bottle2neck',), {}, 32, (3, 4, 6, 3), (2, 3, 5, 2), ''),
+    ('skresnet18', 'SKNet', ('SelectiveKernelBasic',), {}, 32, (2, 2, 2, 2), (2, 1, 1, 1), ''),
+    ('regnetz_b16', 'RegNetZ', ('BottleneckBlock',), {}, 32, (2, 6, 12, 2), (1, 5, 11, 1), ''),
+    ('nest_tiny', 'NesT', ('TransformerLayer',), dict(img_size=32), 32, (2, 2, 8), (2, 2, 8), ''),
+    ('levit_128s', 'LeViT', ('LevitBlock',), dict(img_size=64), 64, (2, 3, 4), (2, 3, 4), ''),
+    ('fastvit_t8', 'FastViT', ('RepMixerBlock',), {}, 32, (2, 2, 4, 2), (2, 2, 4, 2), ''),
+    ('efficientvit_b0', 'EfficientViT (MIT)', ('ResidualBlock', 'EfficientVitBlock'), {}, 32, (1, 2, 2, 3, 3),
+     (1, 1, 1, 2, 2), "the stem's residual DSConv (1/2 resolution) is a stage of its own"),
+    ('efficientvit_m0', 'EfficientViT (MSRA)', ('EfficientVitBlock', 'ResidualDrop'), dict(img_size=64), 64,
+     (1, 6, 7), (1, 6, 7), 'the residual layers of the downsampling modules are blocks of their stage'),
+    ('hiera_tiny_224', 'Hiera', ('HieraBlock',), dict(img_size=64), 64, (1, 2, 7, 2), (1, 1, 6, 1), ''),
+    ('vitamin_small_224', 'ViTamin', ('MbConvLNBlock', 'Block'), dict(img_size=64, depth=4), 64, (2, 4, 4),
+     (1, 3, 4), 'the conv stem (inside patch_embed) forms two stages of its own'),
+    ('mambaout_femto', 'MambaOut', ('GatedConvBlock',), {}, 32, (3, 3, 9, 3), (3, 3, 9, 3), ''),
+    ('starnet_s050', 'StarNet', ('Block',), {}, 32, (1, 1, 3, 1), (1, 1, 3, 1), ''),
+    ('hgnet_tiny', 'HGNet', ('HighPerfGpuBlock',), {}, 32, (1, 1, 2, 1), (0, 0, 1, 0),
+     'ST++ drops the one skippable block'),
+    ('nextvit_small', 'NextViT', ('NextConvBlock',), dict(depths=(1, 2, 5, 2)), 64, (1, 1, 4, 1), (0, 0, 3, 0),
+     'transformer blocks concatenate (width changes): no blocks; parameter-free patch_embeds are no blocks'),
+    ('tnt_s_patch16_224', 'TNT', ('Block',), dict(img_size=32), 32, (12,), (12,), ''),
+    ('crossvit_tiny_240', 'CrossViT', ('Block',), {}, 240, (5, 5, 5), (5, 5, 5),
+     'one stage per multi-scale block; fixed input size'),
+    ('volo_d1_224', 'VOLO', ('Outlooker', 'Transformer'), dict(img_size=32), 32, (4, 4, 8, 2), (4, 4, 8, 2),
+     'class blocks (post_network) update only the class token: not blocks'),
+    ('sequencer2d_s', 'Sequencer', ('Sequencer2dBlock',), {}, 32, (4, 3, 8, 3), (4, 3, 8, 3),
+     'three stages at one resolution stay three stages'),
+    ('gmlp_ti16_224', 'gMLP', ('SpatialGatingBlock',), dict(img_size=32), 32, (30,), (30,), ''),
+    ('visformer_tiny', 'Visformer', ('Block',), dict(img_size=32), 32, (7, 4, 4), (7, 4, 4), ''),
+    ('xception41', 'Xception', ('XceptionModule',), {}, 64, (1, 1, 9, 2), (0, 0, 8, 0),
+     'projection-shortcut modules are fixed blocks'),
+    ('pvt_v2_b0', 'PVTv2', ('Block',), {}, 32, (2, 2, 2, 2), (2, 2, 2, 2), ''),
+    ('shvit_s1', 'SHViT', ('BasicBlock', 'Residual'), {}, 64, (2, 8, 9), (2, 8, 9),
+     'the residual layers of the downsampling modules are blocks of their stage'),
+    ('swiftformer_xs', 'SwiftFormer', ('ConvEncoder', 'Block'), {}, 64, (3, 3, 6, 4), (3, 3, 6, 4), ''),
+    ('efficientformerv2_s0', 'EfficientFormerV2', ('EfficientFormerV2Block',), dict(img_size=64), 64,
+     (2, 2, 6, 4), (2, 2, 6, 4), ''),
+    ('repghostnet_050', 'RepGhost', ('RepGhostBottleneck',), {}, 32, (1, 2, 2, 6, 5), (1, 1, 1, 4, 4),
+     'stages by resolution'),
+    ('mobilevit_xxs', 'MobileViT', ('BottleneckBlock', 'Block'), {}, 64, (1, 3, 3, 5, 4), (1, 2, 2, 4, 3), ''),
+    ('mobilevitv2_050', 'MobileViT v2', ('BottleneckBlock', 'LinearTransformerBlock'), {}, 64, (1, 2, 3, 5, 4),
+     (0, 1, 2, 4, 3), ''),
+    ('lambda_resnet26t', 'LambdaNet', ('BottleneckBlock', 'SelfAttnBlock'), {}, 64, (2, 2, 2, 2), (1, 1, 1, 1), ''),
+    ('inception_resnet_v2', 'Inception-ResNet-v2', ('Block35', 'Block17', 'Block8'), {}, 75, (10, 20, 10),
+     (10, 20, 10), ''),
+    ('convit_tiny', 'ConViT', ('Block',), dict(img_size=32), 32, (12,), (12,), ''),
+    ('mnasnet_small', 'MnasNet', ('DepthwiseSeparableConv', 'InvertedResidual'), {}, 32, (1, 1, 2, 7, 4),
+     (1, 0, 1, 6, 2), ''),
+    ('mixnet_s', 'MixNet', ('DepthwiseSeparableConv', 'InvertedResidual'), {}, 32, (1, 2, 4, 6, 3), (1, 1, 3, 4, 2),
+     ''),
+    ('swinv2_tiny_window8_256', 'SwinV2', ('SwinTransformerV2Block',), dict(img_size=32, window_size=2), 32,
+     (2, 2, 6, 2), (2, 2, 6, 2), ''),
+    ('caformer_s18', 'CAFormer', ('MetaFormerBlock',), {}, 32, (3, 3, 9, 3), (3, 3, 9, 3), ''),
+    ('vit_relpos_small_patch16_224', 'ViT-RelPos', ('RelPosBlock',), dict(img_size=32), 32, (12,), (12,), ''),
+    ('flexivit_small', 'FlexiViT', ('Block',), dict(img_size=32), 32, (12,), (12,), ''),
+]
+# slow: over a second each, or checked in tests/test_blocks.py already
+_SLOW_LAYOUTS = {'inception_resnet_v2', 'crossvit_tiny_240', 'sequencer2d_s', 'hiera_tiny_224', 'xception41',
+                 'vitamin_small_224', 'nextvit_small', 'hgnet_tiny', 'efficientvit_b0'}
+
 # (model, family, create kwargs, S, error, message fragment, why)
 REFUSED = [
     ('vgg11', 'VGG', {}, 32, NoResidualBlocksError, 'has nothing to skip', 'no skip connections'),
@@ -88,6 +152,13 @@ REFUSED = [
      'halo attention asserts that its block size divides the feature map (an assert with no message)'),
     ('repvit_m0_9', 'RepViT', {}, 32, NoResidualBlocksError, 'has nothing to skip',
      'a squeeze-excite gate sits on the main path of every block: no identity skip'),
+    ('resnest14d', 'ResNeSt', {}, 32, NoResidualBlocksError, r"found 4 blocks .*, all 4 change their input's shape",
+     'one block per stage, each with a projection shortcut: nothing to skip (resnest26d has skippable blocks)'),
+    ('rdnet_tiny', 'RDNet', {}, 32, NoResidualBlocksError, r"found 21 blocks .*, all 21 change their input's shape",
+     'dense blocks concatenate their output to their input (the width grows): no identity skip'),
+    ('ese_vovnet19b_dw', 'VoVNet', {}, 32, NoResidualBlocksError,
+     r"found 4 blocks .*, all 4 change their input's shape",
+     'one OSA block per stage, each changes the width (ese_vovnet39b has residual OSA blocks)'),
 ]
 
 
@@ -117,15 +188,22 @@ def _expected_layout(model, block_classes, input_size):
         model.eval()(torch.randn(2, *input_size))
     for h in hooks:
         h.remove()
-    features, stage, prev = [], -1, None
+    features, stage, prev, stage_at = [], -1, None, {}
     for entry in model.feature_info:
         if entry['module'] in modules:
             stage += entry['reduction'] != prev or stage < 0
             prev = entry['reduction']
             features.append((entry['module'], stage))
+            stage_at.setdefault(entry['reduction'], stage)
     stage_of = []
     for p in blocks:
-        if features:
+        in_feature = any(f == p or p.startswith(f + '.') for f, _ in features)
+        out = shapes[p][1]
+        if features and not in_feature and len(out) == 4 and input_size[-1] // out[-1] in stage_at:
+            # a block outside every feature module (EfficientNet's blocks.3, GhostNet's blocks.2): the stage of
+            # its resolution
+            stage_of.append(stage_at[input_size[-1] // out[-1]])
+        elif features:
             stage_of.append(next((s for f, s in features if f == p or p.startswith(f + '.') or order[f] > order[p]),
                                  features[-1][1] + 1))
         else:  # feature_info names no module of this model (mvitv2): the stage container, e.g. 'stages.2'
@@ -183,10 +261,22 @@ def test_model_refused(name, family, kwargs, size, error, match, why):
     assert len(str(info.value).splitlines()) == 1
 
 
+@pytest.mark.parametrize('name,family,block_classes,kwargs,size,stages,skippable,note', [
+    pytest.param(*row, marks=[pytest.mark.slow] if row[0] in _SLOW_LAYOUTS else []) for row in LAYOUTS],
+    ids=[m[0] for m in LAYOUTS])
+def test_model_layout(name, family, block_classes, kwargs, size, stages, skippable, note):
+    """Discovery on the families checked at the layout level: stage sizes, skippable blocks, block classes."""
+    torch.set_num_threads(1)
+    model = _create(name, kwargs, smaller=False)
+    layout = find_residual_blocks(model, input_size=(3, size, size))
+    assert (layout.stage_sizes, layout.skippable_sizes) == (stages, skippable)
+    assert {type(m).__name__ for m in layout.modules(model)} == set(block_classes)
+
+
 def test_model_list_breadth():
-    """The list spans at least 40 models in 20+ families, convnets and ViTs."""
-    assert len(MODELS) + len(REFUSED) >= 40
-    assert len({m[1].split(' ')[0] for m in MODELS + REFUSED}) >= 20
+    """The lists span at least 80 models in 60+ families, convnets and ViTs."""
+    assert len(MODELS) + len(LAYOUTS) + len(REFUSED) >= 80
+    assert len({m[1].split(' ')[0] for m in MODELS + LAYOUTS + REFUSED}) >= 60
 
 
 def models_markdown() -> str:
@@ -201,6 +291,13 @@ def models_markdown() -> str:
     ]
     for name, family, classes, _, _, min_scale, note in MODELS:
         lines.append(f"| `{name}` | {family} | {', '.join(classes)} | {'yes' if min_scale < 1 else 'no'} | {note} |")
+    lines += ['', '## Covered at the layout level', '',
+              'Discovery only (stages and skippable blocks checked by hand against timm\'s definitions), no training',
+              'step.',
+              '', '| model | family | block classes | stages (skippable) | note |', '|---|---|---|---|---|']
+    for name, family, classes, _, _, stages, skippable, note in LAYOUTS:
+        lines.append(f"| `{name}` | {family} | {', '.join(classes)} | {'/'.join(map(str, stages))} "
+                     f"({'/'.join(map(str, skippable))}) | {note} |")
     lines += ['', '## Refused (before any work starts, with a one-line error)', '',
               '| model | family | why |', '|---|---|---|']
     for name, family, _, _, _, _, why in REFUSED:
@@ -244,12 +341,26 @@ enough. Per case:
   pass its input through, so it is never skipped (subnets drop the blocks before it and keep the norm).
 - DLA: the first `DlaBasic` of a tree adds a projected shortcut, not its input: it is a block but not skippable;
   `level0`/`level1` and the aggregation roots are not blocks.
-- CaiT/XCiT class-attention blocks update only the class token: not blocks.
+- Class-token blocks are not blocks: a module whose output differs from its input only at the first token(s)
+  (VOLO's `post_network` class blocks), or that takes the patch tokens and returns only the class token (CaiT's
+  class attention). XCiT's class-attention blocks fail the identity test. Named explicitly, they form a trailing
+  stage that the ST++ rule does not count as the last stage.
+- A module without parameters is no block, even if it returns its input (NextViT's `patch_embed` whose children
+  are all `Identity`).
+- Blocks whose shortcut is a projection (Xception's entry and exit modules, the strided first block of a ResNet
+  stage) are fixed blocks of their stage: counted, never skipped.
 - TinyViT: every attention block holds a non-residual `local_conv`, so only the two MBConv blocks of stage 1
   are residual; ST++ (first stage fixed) has nothing to drop and refuses, ST on those two blocks works.
 - Models whose blocks return tuples (MViTv2: `(x, feat_size)`): a skipped block returns its inputs unchanged.
-- Stages are timm's `feature_info` stages; a flat ViT (all entries at one reduction) is one stage, split into
-  pseudo-stages by the sampler. Nothing in a model's `forward_head` is a block.
+- Stages are timm's `feature_info` stages; a flat ViT (all entries at one reduction, one block each) is one
+  stage, split into pseudo-stages by the sampler, while entries at one reduction that hold several blocks each
+  (VOLO, Sequencer) stay separate stages. Blocks outside every `feature_info` module join a neighbouring stage
+  only at the same resolution and of the same kind: ViTamin's conv stem and EfficientViT's stem block form stages
+  of their own, GhostNet's and RepGhost's blocks are grouped by resolution. A hybrid's run of transformer blocks
+  after its conv stem stages (ViTamin, ViT-ResNet) is split into pseudo-stages like a ViT. Nothing in a model's
+  `forward_head` is a block.
+- A refusal says what was found: ResNeSt-14 has 4 blocks, one per stage, each with a projection shortcut, so
+  nothing can be skipped; a deeper variant can.
 - Subnet input sizes: every size the size sampler could draw is run once at set-up (shapes only, on the meta
   device, or a batch-of-one forward where that is cheaper); only the sizes that work are drawn, and the run is
   refused when no size below the training size works.

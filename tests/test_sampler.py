@@ -202,7 +202,8 @@ def test_flat_vit_pseudo_stages(vit12):
 
 
 def test_flat_pseudo_stages_keep_class_attention_stage():
-    # discovery leaves CaiT's class-attention blocks out; named explicitly they form a trailing unskippable stage
+    # discovery leaves CaiT's class-attention blocks out; named explicitly they form a trailing unskippable stage,
+    # which is head, not body: the last body stage is the one ST++ keeps whole
     blocks = [f'blocks.{i}' for i in range(24)] + ['blocks_token_only.0', 'blocks_token_only.1']
     model = timm.create_model('cait_xxs24_224', img_size=32, patch_size=8, num_classes=10)
     layout = find_residual_blocks(model, blocks=blocks)
@@ -210,6 +211,30 @@ def test_flat_pseudo_stages_keep_class_attention_stage():
     assert split.stage_sizes == (6, 6, 6, 6, 2) and split.skippable_sizes == (6, 6, 6, 6, 0)
     assert space_k_list(split, 'st') == (6, 6, 6, 6, 1)
     assert space_k_list(split, 'st++') == (1, 4, 4, 1, 1)
+
+
+def test_stpp_last_stage_is_the_real_last_stage():
+    # HGNet-tiny: stages 1/1/2/1, every stage starts with a widening block; the only skippable block is the
+    # second of stage 3, a middle stage: ST++ may drop it (K = 1,1,2,1), though the last stage has nothing to skip
+    model = timm.create_model('hgnet_tiny', num_classes=10)
+    layout = split_flat_layout(find_residual_blocks(model, input_size=(3, 32, 32)))
+    assert layout.stage_sizes == (1, 1, 2, 1) and layout.skippable_sizes == (0, 0, 1, 0)
+    assert space_k_list(layout, 'st++') == (1, 1, 2, 1)
+    sampler = SubnetSampler(layout, 'st++')
+    assert {tuple(p for p, k in zip(layout.paths, s.keep) if not k) for s in sampler.support()} == {
+        (), ('stages.2.blocks.1',)}
+
+
+def test_hybrid_transformer_run_is_split_into_pseudo_stages():
+    # ViTamin: conv stem stages 2/4 (feature maps), then 8 transformer blocks (tokens): the run of transformer
+    # blocks is cut like a ViT's, so ST++ drops transformer blocks too, not only the stem's
+    model = timm.create_model('vitamin_small_224', img_size=64, depth=8, num_classes=10)
+    layout = split_flat_layout(find_residual_blocks(model, input_size=(3, 64, 64)))
+    assert layout.stage_sizes == (2, 4, 2, 2, 2, 2) and layout.skippable_sizes == (1, 3, 2, 2, 2, 2)
+    assert space_k_list(layout, 'st++') == (1, 2, 2, 2, 2, 1)
+    # a hierarchical token model is not a hybrid: LeViT's three stages (all tokens) stay as they are
+    levit = find_residual_blocks(timm.create_model('levit_128s', img_size=64, num_classes=10), input_size=(3, 64, 64))
+    assert split_flat_layout(levit).stage_sizes == levit.stage_sizes == (2, 3, 4)
 
 
 def test_st_on_shallow_flat_model_drops_blocks():

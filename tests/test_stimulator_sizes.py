@@ -142,8 +142,9 @@ def test_one_probe_and_per_size_fallback(monkeypatch, caplog):
             raise RuntimeError(f'input {args[0].shape[-2]} px too small')
     model.register_forward_pre_hook(refuse_small)
     calls = []
-    probe = stimulator_module.probe_input_sizes
-    monkeypatch.setattr(stimulator_module, 'probe_input_sizes', lambda *a, **k: calls.append(a[1]) or probe(*a, **k))
+    probe = stimulator_module.probe_input_sizes_once
+    monkeypatch.setattr(stimulator_module, 'probe_input_sizes_once',
+                        lambda *a, **k: calls.append(a[1]) or probe(*a, **k))
     with pytest.raises(SmallerInputsError, match=r'resnet10t cannot take any of the subnet input sizes 16\.\.31 '
                                                  r'below the training size 32 .*--stim-size-fallback'):
         _stim(model)

@@ -1,4 +1,9 @@
 """timm_stim: Stimulative Training (ST, NeurIPS 2022) and ST++ for timm models."""
+import timm as _timm
+
+# timm 1.0.31 added the checkpoint saver's resumable history, which run folders rely on (pyproject's lower bound)
+if tuple(int(p) for p in _timm.__version__.split('.')[:3] if p.isdigit()) < (1, 0, 31):
+    raise ImportError(f"timm_stim needs timm >= 1.0.31 (found {_timm.__version__}): pip install -U 'timm>=1.0.31'")
 from .blocks import BlockLayout, NoResidualBlocksError, ResidualBlock, SubnetSpec, find_residual_blocks
 from .bn import frozen_bn_stats, recalibrate_bn
 from .losses import StimLoss, create_stim_loss, kl_distill_loss, standardize_logits

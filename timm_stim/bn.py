@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Iterable, Iterator, List, Optional
+from typing import Callable, ContextManager, Iterable, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
@@ -43,13 +43,17 @@ def recalibrate_bn(
         layout: Optional[BlockLayout] = None,
         spec: SpecLike = None,
         device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+        autocast: Callable[[], ContextManager] = nullcontext,
 ) -> int:
     """Re-estimate BatchNorm running statistics of the full net (or of a subnet) from data.
 
     Running stats are reset and re-computed as the equal-weight average of batch statistics over about
     `num_images` images (train-mode forward, no gradients), as the ST authors do before evaluation.
     BN layers that the subnet does not run keep their previous statistics. `batches` yields tensors or
-    (input, target) pairs. Returns the number of images used.
+    (input, target) pairs, moved to `device` and cast to `dtype` (default: the model's floating-point dtype, so a
+    `--model-dtype bfloat16` model gets bfloat16 inputs); `autocast` is the training's mixed-precision context.
+    Returns the number of images used.
     """
     # A torch.compile wrapper shares the weights and buffers: run the plain module, since the cumulative-average
     # mode (momentum None) reads a buffer as a Python number and would recompile the graph BN layer by BN layer.
@@ -59,8 +63,9 @@ def recalibrate_bn(
         return 0
     saved = [(m.momentum, {k: v.clone() for k, v in m._buffers.items() if v is not None}) for m in bns]
     was_training = model.training
-    if device is None:
-        device = next(model.parameters()).device
+    first = next(model.parameters())
+    device = first.device if device is None else device
+    dtype = dtype or (first.dtype if first.is_floating_point() else None)
     seen, completed = 0, False
     try:
         for m in bns:
@@ -71,8 +76,9 @@ def recalibrate_bn(
         with ctx:
             for batch in batches:
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                x = x.to(device)
-                model(x)
+                x = x.to(device=device, dtype=dtype)
+                with autocast():
+                    model(x)
                 seen += x.shape[0]
                 if seen >= num_images:
                     break

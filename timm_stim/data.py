@@ -20,6 +20,7 @@ import torch.utils.data
 from PIL import Image
 
 from .checkpoint import DATA_CONFIG_KEYS
+from .cli import UsageError
 
 __all__ = [
     'DIGITS_INFO', 'DIGITS_SPLIT_SEED', 'DIGITS_VAL_FRACTION', 'DataConfigError', 'DigitsDataset', 'FixedSubset',
@@ -55,8 +56,8 @@ def is_digits(dataset: Optional[str], data_dir: Optional[str]) -> bool:
     return (dataset or '').lower() == 'digits' or (not dataset and not data_dir)
 
 
-class DataConfigError(ValueError):
-    """ Dataset / data dir configuration that cannot work; message names the problem and the fix. """
+class DataConfigError(UsageError):
+    """ Dataset / data dir configuration that cannot work; message names the problem and the fix (exit code 2). """
 
 
 def _norm_split(split: str) -> str:

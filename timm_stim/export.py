@@ -34,9 +34,11 @@ from .blocks import BlockLayout, SubnetSpec, find_residual_blocks
 from .bn import recalibrate_bn
 from .checkpoint import DATA_CONFIG_KEYS, ModelSource, create_model_from_source, resolve_model_source
 from .cli import (OneLineArgumentParser, UsageError, add_eval_data_args, add_model_source_args, check_cli_args,
-                  check_output_folder, data_config_overrides, eval_data_args, parse_model_kwargs, report_error)
+                  check_output_folder, data_config_overrides, eval_data_args, one_line, parse_model_kwargs,
+                  report_error)
 from .data import create_eval_loader, is_digits, resolve_eval_data_config
 from .model_folder import check_export_target, export_timm_model
+from .run_state import replace_file
 from .hub import HubPushError, check_can_push, check_repo_id, push_folder_to_hub
 from .loafing import cache_batches, evaluate_subnets, make_subnet_specs, parse_depths
 from .loafing_report import write_results
@@ -47,12 +49,15 @@ from .skip import resolve_spec
 from .subnet_model import SubnetExportError, SubnetModel, UnsupportedFamilyError, create_subnet_model, \
     find_depth_argument
 
-__all__ = ['SUBNET_FIELDS', 'parse_keep_mask', 'parse_subnets', 'export_subnets', 'export_after_training', 'main']
+__all__ = ['SUBNET_FIELDS', 'parse_keep_mask', 'parse_subnets', 'check_export_spec', 'export_subnets',
+           'export_after_training', 'main']
 
+# Files the export writes directly under --output (besides one folder per subnet and loafing/).
+_SUMMARY_FILES = ('subnets.csv', 'subnets.json', 'README.md', 'pareto.png')
 # Columns of subnets.csv (subnets.json holds the same per row).
 SUBNET_FIELDS = (
     'name', 'depths', 'keep', 'is_full', 'depth_argument', 'params', 'flops', 'latency_b1_ms', 'latency_b32_ms',
-    'top1', 'top5', 'bn_recal_images', 'max_logit_diff', 'folder', 'repo_id',
+    'top1', 'top5', 'bn_recal_images', 'max_logit_diff', 'folder', 'repo_id', 'flops_note',
 )
 
 
@@ -145,9 +150,11 @@ def export_subnets(
             row['repo_id'] = f'{hub_repo_id}-{name}' if hub_repo_id else None
         rows.append(row)
         built.append(small)
-        print(f"{name}: {row['depth_argument']} params {row['params']} flops {row['flops']} "
+        flops = row['flops'] if row['flops'] is not None else f"n/a ({row['flops_note']})"
+        print(f"{name}: {row['depth_argument']} params {row['params']} flops {flops} "
               f"latency b1 {row['latency_b1_ms']:.2f} ms top-1 {fmt(row.get('top1'))}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
+    _refuse_links(out, arch, [_spec_name(layout, s) for s in wanted])
     plot = plot_pareto(rows, out / 'pareto.png', title=f'{arch} subnetworks of {parent}: top-1 vs CPU latency')
     full = rows[0]
     for row, small in zip(rows, built):
@@ -157,20 +164,29 @@ def export_subnets(
         export_timm_model(small.model.cpu(), row['folder'], arch, model_args=small.model_args, model_card=card,
                           extra_files=[plot], data_config=data_config)
     _write_rows(rows, out)
-    (out / 'README.md').write_text(f'# {arch} subnetworks of {parent}\n\n' + family_markdown(rows, machine),
-                                   encoding='utf-8')
+    text = f'# {arch} subnetworks of {parent}\n\n' + family_markdown(rows, machine)
+    replace_file(str(out / 'README.md'), lambda f: f.write(text), encoding='utf-8')
     return rows
 
 
 def _write_rows(rows: Sequence[Dict[str, Any]], out: Path) -> None:
-    with (out / 'subnets.csv').open('w', newline='', encoding='utf-8') as f:
+    """subnets.csv and subnets.json, each written whole under a new name and swapped in (never through a link)."""
+    def write_csv(f: Any) -> None:
         writer = csv.DictWriter(f, fieldnames=SUBNET_FIELDS, extrasaction='ignore')
         writer.writeheader()
         writer.writerows({k: ('' if r.get(k) is None else r.get(k)) for k in SUBNET_FIELDS} for r in rows)
-    (out / 'subnets.json').write_text(json.dumps(list(rows), indent=2) + '\n', encoding='utf-8')
+    replace_file(str(out / 'subnets.csv'), write_csv, newline='', encoding='utf-8')
+    replace_file(str(out / 'subnets.json'), lambda f: f.write(json.dumps(list(rows), indent=2) + '\n'),
+                 encoding='utf-8')
 
 
-# ---------------------------------------------------------------------------------------------------------- CLI
+def _refuse_links(out: Path, arch: str, names: Sequence[str]) -> None:
+    """Nothing the export writes may be a symbolic link (a folder from elsewhere must not redirect our writes)."""
+    targets = [out / n for n in _SUMMARY_FILES] + [out / 'loafing'] + [out / f'{arch}-{n}' for n in names]
+    links = [str(t) for t in targets if t.is_symlink()]
+    if links:
+        raise UsageError(f'--output {out}: {links[0]} is a symbolic link; the export writes there and never follows '
+                         f'links: remove it or choose another --output')
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -266,9 +282,57 @@ def _plan_for_model(args: argparse.Namespace, model: nn.Module, source: ModelSou
     arch = model.pretrained_cfg['architecture']
     for spec in specs:
         check_export_target(Path(args.output) / f'{arch}-{_spec_name(layout, spec)}')
+    _refuse_links(Path(args.output), arch, [_spec_name(layout, s) for s in specs])
+    if args.pareto:  # the table (or the subnets to evaluate) is read now, not after the data is loaded
+        if args.loafing_table:
+            read_loafing_table(args.loafing_table, args.loafing_model)
+        else:
+            make_subnet_specs(layout, args.subnets, args.space, None, args.seed, args.pseudo_stages)
     if args.push_to_hub:
         check_can_push()
     return _Plan(args, model, source, layout, specs, data, data_config, device, dict(digits=digits))
+
+
+def check_export_spec(
+        model: nn.Module,
+        text: str,
+        input_size: Optional[Sequence[int]] = None,
+        model_args: Optional[Dict[str, Any]] = None,
+        pseudo_stages: int = 4,
+) -> None:
+    """Check a `train_stim.py --export-subnets` SPEC against the real `model` before training starts.
+
+    Every depth vector and keep-mask must fit the model's block layout (at `input_size`, default the model's
+    pretrained_cfg input size) and be expressible by its timm constructor; pareto:N needs a family that can be
+    exported at all. Raises ValueError with a one-line message naming --export-subnets otherwise; writes nothing.
+    """
+    try:
+        plan = parse_subnets(text)
+        size = tuple(input_size or model.pretrained_cfg.get('input_size') or (3, 224, 224))
+        layout = split_flat_layout(find_residual_blocks(model, input_size=size), pseudo_stages)
+        specs = [layout.spec_from_depths(parse_depths(d)) for d in plan['depths']]
+        specs += [resolve_spec(layout, parse_keep_mask(m)) for m in plan['keep']]
+        for spec in specs or [layout.full_spec()]:
+            find_depth_argument(model, layout, spec, model_args)
+    except Exception as e:  # any failure here is a SPEC the run could not export
+        raise ValueError(f'--export-subnets {text!r}: {one_line(e)}') from None
+
+
+def _load_batches(plan: _Plan) -> None:
+    """The validation (and --bn-recal training) batches, loaded during set-up: a bad data flag is bad input."""
+    args, data, config = plan.args, plan.data, plan.data_config
+    flags = f"--dataset {data['dataset'] or '(image folder)'} --data-dir {data['data_dir'] or '(none)'}"
+    try:
+        plan.extra['val_batches'] = cache_batches(create_eval_loader(
+            data['dataset'], data['data_dir'], data['val_split'], config, args.batch_size, args.workers,
+            args.val_num_samples, args.seed, plan.device))
+        plan.extra['train_batches'] = None
+        if args.bn_recal > 0:
+            plan.extra['train_batches'] = cache_batches(create_eval_loader(
+                data['dataset'], data['data_dir'], data['train_split'], config, args.batch_size, args.workers,
+                args.bn_recal, args.seed, plan.device))
+    except Exception as e:  # named by the data flags that chose it
+        raise ValueError(f'{flags}: cannot load the data: {one_line(e)}') from None
 
 
 def _pareto_specs(plan: _Plan, val_batches: Sequence, train_batches: Optional[Sequence]) -> List[SubnetSpec]:
@@ -304,15 +368,10 @@ def _dataset_name(plan: _Plan) -> str:
 def run(args: argparse.Namespace, plan: Optional[_Plan] = None) -> List[Dict[str, Any]]:
     """The CLI's work after `_prepare`: data, --pareto selection, export, push; returns the rows."""
     plan = plan or _prepare(args)
-    data, config = plan.data, plan.data_config
-    val_batches = cache_batches(create_eval_loader(
-        data['dataset'], data['data_dir'], data['val_split'], config, args.batch_size, args.workers,
-        args.val_num_samples, args.seed, plan.device))
-    train_batches = None
-    if args.bn_recal > 0:
-        train_batches = cache_batches(create_eval_loader(
-            data['dataset'], data['data_dir'], data['train_split'], config, args.batch_size, args.workers,
-            args.bn_recal, args.seed, plan.device))
+    config = plan.data_config
+    if 'val_batches' not in plan.extra:
+        _load_batches(plan)
+    val_batches, train_batches = plan.extra['val_batches'], plan.extra['train_batches']
     specs = list(plan.specs)
     if args.pareto:
         specs += _pareto_specs(plan, val_batches, train_batches)
@@ -368,17 +427,19 @@ def export_after_training(
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit codes: 0 done, 2 bad input or a push that cannot work (found before any file is written), 1 a failure
     while exporting or pushing."""
-    try:
+    try:  # set-up is a transaction: every input is built and checked here, before anything is written
         args = _build_parser().parse_args(argv)
         plan = _prepare(args)
-    except (UsageError, HubPushError, ValueError, OSError, UnsupportedFamilyError) as e:
+        _load_batches(plan)
+    except Exception as e:  # whatever fails in set-up was decided by the command line: one line, exit 2
         return report_error(e, 2)
     try:
         rows = run(args, plan)
     except (HubPushError, SubnetExportError, ValueError, OSError, RuntimeError) as e:
         return report_error(e, 1)
     for row in rows:
-        print(f"{row['name']}\t{row['depths']}\tparams={row['params']}\tflops={row['flops']}\t"
+        flops = 'n/a' if row['flops'] is None else row['flops']
+        print(f"{row['name']}\t{row['depths']}\tparams={row['params']}\tflops={flops}\t"
               f"b1={row['latency_b1_ms']:.2f}ms\tb32={row['latency_b32_ms']:.2f}ms\ttop1={fmt(row.get('top1'))}\t"
               f"{row['folder'] or '(measured only)'}")
     return 0

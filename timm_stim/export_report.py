@@ -13,10 +13,10 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .blocks import find_residual_blocks
 from .card import create_model_card, split_recipe
-from .flops import count_flops
-from .loafing import evaluate_subnets
+from .flops import try_forward_flops
+from .loafing import _accuracy
+from .run_state import replace_file
 
 __all__ = ['LATENCY_BATCH_SIZES', 'pareto_front', 'select_pareto', 'read_loafing_table', 'measure_latency',
            'machine_description', 'measure_model', 'plot_pareto', 'family_markdown', 'subnet_card']
@@ -123,15 +123,22 @@ def measure_model(
         device: Optional[torch.device] = None,
         latency_repeats: int = 10,
 ) -> Dict[str, Any]:
-    """Parameters, counted FLOPs (one image), CPU latency (ms, median) at batch 1 and 32, and top-1/top-5 on
-    `val_batches`."""
-    layout = find_residual_blocks(model, input_size=input_size)
-    figures: Dict[str, Any] = dict(params=sum(p.numel() for p in model.parameters()),
-                                   flops=count_flops(model, layout, layout.full_spec(), input_size))
+    """Parameters, counted FLOPs (one image; None with the reason in 'flops_note' when they cannot be counted),
+    CPU latency (ms, median) at batch 1 and 32, and top-1/top-5 on `val_batches`.
+
+    The model is measured as the plain model it is: no block discovery, so a subnet with nothing left to skip
+    (every remaining block has a projection shortcut) is measured like any other."""
+    flops, note = try_forward_flops(model, input_size)
+    figures: Dict[str, Any] = dict(params=sum(p.numel() for p in model.parameters()), flops=flops,
+                                   flops_note=note or None)
     if val_batches is not None:
-        row = evaluate_subnets(model, layout, [layout.full_spec()], val_batches, device=device,
-                               input_size=input_size)[0]
-        figures.update(top1=row['top1'], top5=row['top5'])
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        was_training = model.training
+        try:
+            top1, top5, _ = _accuracy(model.eval(), val_batches, device)
+        finally:
+            model.train(was_training)
+        figures.update(top1=top1, top5=top5)
     cpu_model = model if next(model.parameters()).device.type == 'cpu' else copy.deepcopy(model).cpu()
     for batch_size in LATENCY_BATCH_SIZES:
         figures[f'latency_b{batch_size}_ms'] = measure_latency(cpu_model, input_size, batch_size, latency_repeats)
@@ -168,8 +175,10 @@ def plot_pareto(rows: Sequence[Dict[str, Any]], path: Union[str, Path], title: s
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:  # written under a new name and swapped in: never through a link that holds the name
+        replace_file(str(path), lambda f: fig.savefig(f, format='png', dpi=120), mode='wb')
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -215,7 +224,8 @@ def subnet_card(row: Dict[str, Any], full: Dict[str, Any], rows: Sequence[Dict[s
         'Exported with `python -m timm_stim.export`.')
     metrics = {
         'depths (blocks per stage)': row['depths'], 'parent depths': full['depths'],
-        'parameters': row['params'], 'FLOPs (one image, counted)': row['flops'],
+        'parameters': row['params'],
+        'FLOPs (one image, counted)': row['flops'] if row['flops'] is not None else f"n/a ({row.get('flops_note')})",
         'CPU latency batch 1 (ms, median)': row['latency_b1_ms'],
         'CPU latency batch 32 (ms, median)': row['latency_b32_ms'],
         'top-1 (%)': row.get('top1'), 'top-5 (%)': row.get('top5'), 'full model top-1 (%)': full.get('top1'),

@@ -6,7 +6,7 @@ which counts convolutions, matmuls and attention (element-wise ops are not count
 FLOPs of every subnet) and benchmarks/step_cost.py (the FLOP-ideal step-cost ratio).
 """
 from contextlib import nullcontext
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -15,19 +15,31 @@ from torch.utils.flop_counter import FlopCounterMode
 from .blocks import BlockLayout, SubnetSpec
 from .skip import subnet
 
-__all__ = ['count_flops', 'count_relative_flops', 'forward_flops']
+__all__ = ['count_flops', 'count_relative_flops', 'forward_flops', 'try_forward_flops']
 
 _FLOP_CACHE: Dict[tuple, int] = {}
 
 
-@torch.no_grad()
+def _counted_forward(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of ``model(x)``: under no_grad, else (FlopCounterMode's module tracking fails under no_grad on some
+    models, e.g. CaiT's class-attention blocks, in plain torch too) with autograd on and the graph discarded."""
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    except Exception:
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    return int(counter.get_total_flops())
+
+
 def forward_flops(
         model: nn.Module,
         input_size: Sequence[int],
         layout: Optional[BlockLayout] = None,
         spec: Optional[SubnetSpec] = None,
 ) -> int:
-    """FLOPs of one forward on one image of ``input_size`` (C, H, W): of subnet ``spec`` if given, else of the model.
+    """FLOPs of one forward on one image of ``input_size`` (C, H, W): of subnet ``spec`` if given, else of the model
+    as it is (a plain model needs no layout).
 
     The model runs in eval mode (BatchNorm running statistics are not touched); its train/eval mode is restored.
     """
@@ -37,12 +49,19 @@ def forward_flops(
     was_training = model.training
     try:
         model.eval()
-        with subnet(model, layout, spec) if spec is not None else nullcontext(), \
-                FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, *input_size, device=device, dtype=dtype))
+        with subnet(model, layout, spec) if spec is not None else nullcontext():
+            return _counted_forward(model, torch.zeros(1, *input_size, device=device, dtype=dtype))
     finally:
         model.train(was_training)
-    return int(counter.get_total_flops())
+
+
+def try_forward_flops(model: nn.Module, input_size: Sequence[int]) -> Tuple[Optional[int], str]:
+    """``(forward_flops(model, input_size), '')``, or ``(None, reason)`` in one line when they cannot be counted:
+    a report shows 'n/a' with the reason instead of failing the export."""
+    try:
+        return forward_flops(model, input_size), ''
+    except Exception as e:  # a counting failure is a missing figure, never a failed export
+        return None, f'{type(e).__name__}: {" ".join(str(e).split())}'[:200]
 
 
 def _flop_key(model: nn.Module, layout: BlockLayout, spec: SubnetSpec, input_size: Sequence[int]) -> tuple:

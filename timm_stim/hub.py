@@ -30,7 +30,8 @@ from .card import create_model_card, read_run_metrics, split_recipe
 from .checkpoint import (
     ModelSource, create_model_from_source, data_config_from_args, is_export_folder, resolve_model_source,
 )
-from .cli import OneLineArgumentParser, UsageError, check_cli_args, parse_model_kwargs, report_error
+from .cli import (OneLineArgumentParser, UsageError, check_cli_args, check_git_revision, input_step,
+                  parse_model_kwargs, report_error)
 from .model_folder import EXPORT_FILES, check_export_target, export_timm_model
 
 _logger = logging.getLogger(__name__)
@@ -224,9 +225,10 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _export_source(args: argparse.Namespace, resolved: ModelSource, output: Path) -> Path:
-    """Build the model, load its weights and export it with a model card from the run's files."""
-    model, resolved = create_model_from_source(resolved)
+def _export_source(args: argparse.Namespace, resolved: ModelSource, output: Path, model=None) -> Path:
+    """Export the model (built by `prepare_push`, else here) with its weights and a model card from the run's files."""
+    if model is None:
+        model, resolved = create_model_from_source(resolved)
     print(f'loaded {resolved.weights} of {resolved.model_name} from {resolved.checkpoint}', file=sys.stderr)
     recipe, stim = split_recipe(resolved.train_args)
     dataset = args.dataset or resolved.train_args.get('dataset') or 'an unspecified dataset'
@@ -237,18 +239,20 @@ def _export_source(args: argparse.Namespace, resolved: ModelSource, output: Path
 
 
 def prepare_push(args: argparse.Namespace):
-    """Every check of the ``push`` command, before any work or file write: the arguments, the model source (a run
-    folder alone is enough), the export folder, whether a push can work at all. Returns (resolved source or None
-    for an export folder pushed as is, export folder)."""
+    """Every check of the ``push`` command, before any work, file write or progress line: the arguments, the model
+    source (a run folder alone is enough), the model built with its weights, the export folder, whether a push can
+    work at all. Returns (resolved source or None for an export folder pushed as is, export folder, model or
+    None); a bad input raises (UsageError, ValueError, OSError, HubPushError) with nothing printed."""
     check_repo_id(args.hub_repo_id)
     check_cli_args(args)
+    if args.hub_revision is not None:
+        check_git_revision(args.hub_revision)
+    if not str(args.commit_message or '').strip():
+        raise UsageError('--commit-message must not be empty (the Hub refuses empty commit messages)')
     source = Path(args.source)
     model_kwargs = parse_model_kwargs(args.model_kwargs)
-    resolved = output = None
-    if is_export_folder(source):
-        if args.model or args.num_classes or model_kwargs or args.use_ema or args.output:
-            print(f'note: {source} is an export folder, pushing it as is (model options ignored)', file=sys.stderr)
-    else:
+    resolved = output = model = None
+    if not is_export_folder(source):
         resolved = resolve_model_source(source, args.model, args.num_classes, model_kwargs, args.checkpoint,
                                         args.use_ema)
         if resolved.checkpoint is None:
@@ -257,17 +261,22 @@ def prepare_push(args: argparse.Namespace):
         output = Path(args.output) if args.output else resolved.checkpoint.parent / 'hf_export'
         check_export_target(output)
     check_can_push()
-    return resolved, output
+    if resolved is not None:  # the model with its weights: another architecture or class count is bad input too
+        with input_step(f'cannot build the model of {source}', 'check --model, --num-classes and --model-kwargs'):
+            model, resolved = create_model_from_source(resolved)
+    return resolved, output, model
 
 
 def run_push(args: argparse.Namespace, prepared=None) -> str:
     """The ``push`` command: check everything (`prepare_push`), export the checkpoint if needed, push; returns the
     repo URL."""
-    resolved, output = prepared or prepare_push(args)
+    resolved, output, model = (tuple(prepared) + (None,))[:3] if prepared else prepare_push(args)
     source = Path(args.source)
     folder = source
+    if resolved is None and (args.model or args.num_classes or args.model_kwargs or args.use_ema or args.output):
+        print(f'note: {source} is an export folder, pushing it as is (model options ignored)', file=sys.stderr)
     if resolved is not None:
-        folder = _export_source(args, resolved, output)
+        folder = _export_source(args, resolved, output, model)
         print(f'exported to {folder}', file=sys.stderr)
     return push_folder_to_hub(
         folder, args.hub_repo_id, private=args.hub_private, revision=args.hub_revision,

@@ -43,11 +43,12 @@ from .skip import subnet
 from .bn import recalibrate_bn
 from .checkpoint import create_model_from_source, resolve_model_source
 from .cli import (OneLineArgumentParser, UsageError, add_eval_data_args, add_model_source_args, check_cli_args,
-                  check_output_folder, data_config_overrides, eval_data_args, parse_model_kwargs, report_error)
+                  check_output_folder, data_config_overrides, eval_data_args, input_step,
+                  one_line, parse_model_kwargs, report_error)
 from .data import create_eval_loader, is_digits, resolve_eval_data_config
 from .flops import count_flops, count_relative_flops
 from .loafing_report import format_summary, summarize, write_results
-from .sampler import SubnetSampler, split_flat_layout
+from .sampler import SubnetSampler, parse_space, split_flat_layout
 
 __all__ = ['evaluate_subnets', 'loafing_eval', 'main', 'make_subnet_specs']
 
@@ -385,11 +386,21 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     sources = [resolve_model_source(s, args.model, args.num_classes, model_kwargs, args.checkpoint, args.use_ema)
                for s in args.sources]
     labels = _labels(args, [s.label for s in sources])
-    loaded = [create_model_from_source(s, device=device) for s in sources]
+    with input_step('cannot build the models', 'check the model sources, --model, --num-classes and --model-kwargs'):
+        loaded = [create_model_from_source(s, device=device) for s in sources]
     infos = [resolved.info() for _, resolved in loaded]
     data = eval_data_args(args, infos[0]['train_args'])
     digits = is_digits(data['dataset'], data['data_dir'])
     data_config = resolve_eval_data_config(loaded[0][0], data_config_overrides(args), infos[0]['data_config'], digits)
+    input_size = tuple(data_config['input_size'])
+    plans, notes = [], []
+    for (model, _), label in zip(loaded, labels):  # the subnets, checked against each model before any data work
+        with input_step(f'cannot find the subnets of {label}', 'check --depths, --space, --subnets, --pseudo-stages'):
+            layout = find_residual_blocks(model, input_size=input_size)
+            staged, specs = make_subnet_specs(layout, args.subnets, args.space, args.depths, args.seed,
+                                              args.pseudo_stages)
+        plans.append((model, label, staged, specs))
+        notes.append(f'{label}: {layout}; {len(specs)} subnets ({args.space} space)')
     val_loader = create_eval_loader(data['dataset'], data['data_dir'], data['val_split'], data_config,
                                     args.batch_size, args.workers, args.val_num_samples, args.seed, device)
     train_loader = None
@@ -398,7 +409,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                           args.batch_size, args.workers, args.bn_recal, args.seed, device)
         train_loader = cache_batches(train_loader)
     val_batches = cache_batches(val_loader)
-    for label, info in zip(labels[1:], infos[1:]):  # reported once the data is known to load
+    # Every input is checked (models, subnets, data): only now the info lines, so a bad input stays one line.
+    for label, info in zip(labels[1:], infos[1:]):
         other = info['data_config'].get('input_size')
         if other and tuple(other) != tuple(data_config['input_size']):
             print(f'warning: {label} was trained at input size {tuple(other)}, evaluating all models at '
@@ -406,15 +418,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     print(f"data: {data['dataset'] or ('digits' if digits else 'folder')} {data['data_dir'] or ''} "
           f"split={data['val_split']} input_size={tuple(data_config['input_size'])} "
           f"mean={tuple(round(m, 4) for m in data_config['mean'])} crop_pct={data_config['crop_pct']}", file=sys.stderr)
-
-    input_size = tuple(data_config['input_size'])
-    plans, notes = [], []
-    for (model, _), label in zip(loaded, labels):
-        layout = find_residual_blocks(model, input_size=input_size)
-        staged, specs = make_subnet_specs(layout, args.subnets, args.space, args.depths, args.seed, args.pseudo_stages)
-        plans.append((model, label, staged, specs))
-        notes.append(f'{label}: {layout}; {len(specs)} subnets ({args.space} space)')
-    print('\n'.join(notes), file=sys.stderr)  # after every check: a bad input stays a one-line error
+    print('\n'.join(notes), file=sys.stderr)
 
     progress = _Progress(sum(len(p[3]) for p in plans))
     results: List[Dict[str, Any]] = []
@@ -446,6 +450,10 @@ def check_args(args: argparse.Namespace) -> None:
     mode, _, count = str(args.subnets).strip().lower().partition(':')  # before run() prints its progress lines
     if not (args.depths or (mode == 'all' and not count) or (mode == 'random' and count.isdigit() and int(count))):
         raise UsageError(f"invalid --subnets {args.subnets!r}: use 'all' or 'random:N' (N >= 1), or give --depths")
+    try:
+        parse_space(args.space)
+    except ValueError as e:
+        raise UsageError(f'--space: {one_line(e)}') from None
     check_output_folder(args.output)
 
 

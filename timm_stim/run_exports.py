@@ -19,17 +19,48 @@ _logger = logging.getLogger(__name__)
 CARD_ARGS = ('model', 'dataset', 'epochs', 'batch_size', 'opt', 'lr', 'sched', 'weight_decay')  # always on the card
 
 
-def export_run(args, task, output_dir, data_config, device, eval_metrics, best_metric, best_epoch) -> None:
-    """Rank 0, after the last epoch: the loafing report, the subnet export and the Hub push the flags ask for."""
+def export_run(args, task, output_dir, data_config, device, eval_metrics, best_metric, best_epoch,
+               finetune=None) -> None:
+    """Rank 0, after the last epoch: the loafing report, the subnet export and the Hub push the flags ask for.
+
+    After --finetune the loafing report measures the same subnets as before the fine-tune (BN re-estimated too)
+    and the cards name the parent model, the fine-tune recipe and the before/after table.
+    """
     metric_name = f'eval {args.eval_metric}' if eval_metrics else 'train loss'  # no validation split: train loss
     model, source = final_weights(args, task, output_dir, best_metric, best_epoch, metric_name)
     card_sections = []
-    if args.loafing_eval:
+    if args.loafing_eval and finetune is not None and finetune.before is not None:
+        card_sections = [finetune_section(args, model, finetune, output_dir, data_config, device)]
+    elif args.loafing_eval:
         card_sections = run_loafing_eval(args, model, source, output_dir, data_config, device)
     if args.export_subnets:
-        run_subnet_export(args, model, output_dir, data_config, device)
+        parent = os.path.basename(output_dir) + (f', an ST fine-tune of {finetune.label}' if finetune else '')
+        run_subnet_export(args, model, output_dir, data_config, device, parent)
     if args.push_to_hub:
         push_to_hub(args, task, model, source, output_dir, data_config, eval_metrics, best_metric, card_sections)
+
+
+def plain_copy(args, state_dict, device):
+    """A plain timm model (no DDP / compile wrappers, eval mode) of --model holding `state_dict`."""
+    model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
+    model.load_state_dict(clean_state_dict(state_dict))
+    return model.to(args.device if device is None else device).eval()
+
+
+def finetune_section(args, model, finetune, output_dir, data_config, device) -> str:
+    """--finetune: the same subnets as before the fine-tune, measured again; logged and returned as a card section
+    naming the parent, the recipe and the before/after table (<output>/loafing and loafing_before)."""
+    from .finetune import measure_subnets, subnet_table
+    from .loafing_report import format_summary, loafing_markdown
+    after = measure_subnets(model, args, data_config, device, os.path.join(output_dir, 'loafing'),
+                            f'{finetune.label} after the fine-tune')
+    table = subnet_table(finetune.before, after)
+    _logger.info(f'Subnets before and after the fine-tune:\n{format_summary(table)}')
+    recipe = ', '.join(f"--{k.replace('_', '-')} {v}" for k, v, _ in finetune.chosen)
+    intro = (f'## Fine-tuned from {finetune.label}\n\nParent: `{finetune.source}`. Stimulative Training as a '
+             f'fine-tune of {args.epochs} epochs (--stim {args.stim}; settings the fine-tune mode chose: '
+             f'{recipe}).\n\n')
+    return intro + loafing_markdown(table, 'loafing.png', title='Subnets before and after the fine-tune')
 
 
 def final_weights(args, task, output_dir, best_metric, best_epoch, metric_name: str = 'eval top1'):
@@ -42,16 +73,15 @@ def final_weights(args, task, output_dir, best_metric, best_epoch, metric_name: 
         state_dict, source = task.get_eval_model(ema=True).module.state_dict(), 'EMA weights after the last epoch'
     else:
         state_dict, source = task.model.state_dict(), 'weights after the last epoch'
-    model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)  # plain, no wrappers
-    model.load_state_dict(clean_state_dict(state_dict))
-    return model.to(args.device).eval(), source
+    return plain_copy(args, state_dict, None), source
 
 
-def run_subnet_export(args, model, output_dir, data_config, device) -> None:
-    """--export-subnets SPEC: the trained model's subnets as smaller plain timm models in <output>/subnets."""
+def run_subnet_export(args, model, output_dir, data_config, device, parent: str) -> None:
+    """--export-subnets SPEC: the trained model's subnets as smaller plain timm models in <output>/subnets; their
+    cards name `parent`."""
     from .export import export_after_training
     rows = export_after_training(model, args.export_subnets, os.path.join(output_dir, 'subnets'),
-                                 args_record(args), data_config, device, label=os.path.basename(output_dir))
+                                 args_record(args), data_config, device, label=parent)
     for row in rows:
         top1 = row.get('top1')
         _logger.info(f"Subnet {row['name']}: {row['params']} params, top-1 "

@@ -1,10 +1,12 @@
 """The durable state of a train_stim.py run: checkpoints, summary rows, resume and RNG states.
 
-Everything a run writes to its folder or reads back on ``--resume`` goes through here, under three rules:
+Everything a run writes to its folder or reads back on ``--resume`` goes through here, under four rules:
 
 * a file appears whole or not at all (fsync, then one ``os.replace``), so a crash leaves the old or the new file;
 * nothing non-finite is ever saved: a diverged run raises :class:`TrainingDiverged` and leaves every file as it was;
-* a checkpoint is untrusted input: read by ``timm_stim.checkpoint`` (weights only), its saver history sanitised.
+* a checkpoint is untrusted input: read by ``timm_stim.checkpoint`` (weights only), its saver history sanitised;
+* so is a run folder from elsewhere: one holding a link the run could write through is refused before anything is
+  written (:func:`check_run_folder`), and every file is written as a new file swapped in by name, never in place.
 """
 import argparse
 import csv
@@ -13,14 +15,15 @@ import math
 import os
 import random
 import shutil
+import stat
 from datetime import datetime
-from typing import Dict, List, Tuple
+from typing import IO, Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
 import yaml
 from timm.models import safe_model_name
-from timm.utils import CheckpointSaver, get_outdir, update_summary
+from timm.utils import CheckpointSaver, update_summary
 
 from .checkpoint import (clean_state_dict, first_non_finite, read_checkpoint_metadata, read_training_checkpoint,
                          sanitize_saver_state)
@@ -55,6 +58,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
             raise TrainingDiverged(f'non-finite checkpoint metric ({metric}) in epoch {epoch}; {_KEPT}')
         if self.task is not None:
             self.task.check_finite(epoch)
+        if os.path.lexists(save_path):  # timm's torch.save(path) would write through whatever holds the name
+            os.unlink(save_path)
         super()._save(save_path, epoch, metric)
 
     def load_state_dict(self, state_dict):
@@ -140,61 +145,138 @@ def check_finite_metrics(epoch: int, metrics: dict, what: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- run folder
 
-def create_run_folder(args, data_config: dict, model, optimizer, loss_scaler, contents: CheckpointContents,
-                      decreasing: bool) -> Tuple[str, AtomicCheckpointSaver]:
-    """Rank 0, after every input check: the run folder with args.yaml, its checkpoint saver, --log-wandb.
-
-    The folder is --output / --experiment, or timm's date-model-size name; an unwritable --output is bad input
-    (nothing has been written yet). Resuming from a checkpoint in this folder continues its ranking of the
-    best checkpoints. Returns (folder, saver).
-    """
+def run_folder_path(args, data_config: dict) -> str:
+    """The run folder: --output / --experiment, or timm's date-model-size name. Creates nothing."""
     exp_name = args.experiment or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'),
                                             safe_model_name(args.model), str(data_config['input_size'][-1])])
+    return os.path.join(args.output or os.path.join('.', 'output', 'train'), exp_name)
+
+
+def check_run_folder(folder: str) -> None:
+    """Refuse (UsageError) a run folder from elsewhere that the run could be turned against; reads only.
+
+    The run writes args.yaml, summary rows, checkpoints, recovery files and the loafing / export / Hub folders in
+    here. A symbolic link anywhere in the folder (or the folder itself one), a FIFO or device, or a file other than a
+    checkpoint that is hard-linked elsewhere, could make one of those writes land outside the folder or hang: the
+    folder is refused before anything is written. Checkpoints (``*.pth.tar``) may share an inode: the saver itself
+    hard-links last / model_best / checkpoint-N, and only ever replaces them by name.
+    """
+    fix = 'remove it, or choose a new --experiment (a run never writes through links)'
+    if os.path.islink(folder):
+        raise UsageError(f'run folder {folder} is a symbolic link (to {os.readlink(folder)}); {fix}')
+    if not os.path.lexists(folder):
+        return
+    if not os.path.isdir(folder):
+        raise UsageError(f'run folder {folder} is a file, not a folder; choose another --experiment or --output')
+    for root, dirs, files in os.walk(folder):  # does not descend into linked folders: they are refused below
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            info, shown = os.lstat(path), os.path.relpath(path, folder)
+            if stat.S_ISLNK(info.st_mode):
+                raise UsageError(f'run folder {folder} holds a symbolic link ({shown} -> {os.readlink(path)}); {fix}')
+            if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+                raise UsageError(f'run folder {folder} holds {shown}, which is neither a file nor a folder; {fix}')
+            if stat.S_ISREG(info.st_mode) and info.st_nlink > 1 and not name.endswith('.pth.tar'):
+                raise UsageError(f'run folder {folder} holds {shown}, hard-linked to {info.st_nlink - 1} other '
+                                 f'path(s) that a write would change too; {fix}')
+
+
+def make_folders(folder: str) -> None:
+    """os.makedirs(folder), but a failure removes the folders this call created: nothing is left behind."""
+    missing, path = [], os.path.abspath(folder)
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
     try:
-        output_dir = get_outdir(args.output or './output/train', exp_name)
-    except OSError as e:  # e.g. a read-only or virtual file system: nothing written yet
-        raise UsageError(f'cannot create the run folder in --output {args.output or "./output/train"}: '
-                         f'{e.strerror or e}; choose a writable --output') from None
-    with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-        yaml.safe_dump(args_record(args), f, default_flow_style=False, sort_keys=False)
+        for path in reversed(missing):
+            os.mkdir(path)
+    except OSError:
+        for path in missing:
+            if os.path.isdir(path) and not os.path.islink(path):
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
+        raise
+
+
+def new_file(path: str, mode: str = 'w', **kwargs) -> IO:
+    """`path` opened as a NEW file (O_CREAT | O_EXCL | O_NOFOLLOW): never an existing file, never through a link.
+
+    Whatever held the name (a stale temp file, a planted link) is unlinked first; unlinking a link removes the
+    link, not its target.
+    """
+    if os.path.lexists(path):
+        os.unlink(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0)
+    return os.fdopen(os.open(path, flags, 0o644), mode, **kwargs)
+
+
+def replace_file(path: str, write: Callable[[IO], None], mode: str = 'w', **kwargs) -> None:
+    """Write `path` whole: `write(f)` fills a new file beside it, fsynced, then one os.replace swaps it in by name
+    (a link or hard link that held the name is replaced; what it pointed to is untouched)."""
+    tmp = path + '.tmp'
+    with new_file(tmp, mode, **kwargs) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def create_run_folder(args, output_dir: str, model, optimizer, loss_scaler, contents: CheckpointContents,
+                      decreasing: bool) -> AtomicCheckpointSaver:
+    """Rank 0, after every input check: the run folder with args.yaml, its checkpoint saver, --log-wandb.
+
+    The folder (run_folder_path) is checked first (check_run_folder), so a folder from elsewhere holding links is
+    refused before anything is written; an unwritable --output is bad input too. Resuming from a checkpoint in this
+    folder continues its ranking of the best checkpoints. Returns the saver.
+    """
+    check_run_folder(output_dir)
+    try:
+        make_folders(output_dir)
+    except OSError as e:  # e.g. a read-only or virtual file system, a name too long: nothing left behind
+        raise UsageError(f'cannot create the run folder {output_dir}: {e.strerror or e}; choose a writable '
+                         f'--output and a shorter --experiment') from None
+    replace_file(os.path.join(output_dir, 'args.yaml'),
+                 lambda f: yaml.safe_dump(args_record(args), f, default_flow_style=False, sort_keys=False))
     saver = AtomicCheckpointSaver(model, optimizer, args=argparse.Namespace(**args_record(args)),
                                   amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
                                   decreasing=decreasing, max_history=args.checkpoint_hist, task=contents)
-    resumed_here = args.resume and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), output_dir)
-    if resumed_here and hasattr(saver, 'load_state_dict_from_checkpoint'):  # timm >= 1.0.30
+    if args.resume and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), output_dir):
         saver.load_state_dict_from_checkpoint(args.resume)
     _logger.info(f'Output folder: {output_dir}')
     if args.log_wandb:  # summary rows are logged to this run too
         import wandb
-        wandb.init(project=args.wandb_project, name=exp_name, config=args_record(args), tags=args.wandb_tags,
-                   resume='must' if args.wandb_resume_id else None, id=args.wandb_resume_id or None)
-    return output_dir, saver
+        wandb.init(project=args.wandb_project, name=os.path.basename(output_dir), config=args_record(args),
+                   tags=args.wandb_tags, resume='must' if args.wandb_resume_id else None,
+                   id=args.wandb_resume_id or None)
+    return saver
 
 
 def write_summary_row(filename: str, epoch: int, train_metrics: dict, eval_metrics: dict, lr: float,
                       log_wandb: bool = False) -> None:
     """Append the epoch's summary.csv row (timm's format), durably, before the epoch's checkpoint is published.
 
-    Rows of this epoch or later (left by a run killed after its row and before its checkpoint, then resumed)
-    are dropped first, atomically, so a resumed run neither loses nor repeats a row.
+    The file is rewritten as a new file and swapped in by name (never appended to in place, so a link planted in
+    its place cannot carry the row elsewhere). Rows of this epoch or later (left by a run killed after its row and
+    before its checkpoint, then resumed) are dropped, so a resumed run neither loses nor repeats a row.
     """
-    if os.path.exists(filename):
+    header, keep = None, []
+    if os.path.isfile(filename):
         with open(filename, newline='') as f:
             reader = csv.reader(f)
-            header, rows = next(reader, None), list(reader)
-        keep = [r for r in rows if r and r[0].lstrip('-').isdigit() and int(r[0]) < epoch]
-        if header and len(keep) != len(rows):
-            tmp = filename + '.tmp'
-            with open(tmp, 'w', newline='') as f:
-                csv.writer(f).writerows([header] + keep)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, filename)
-    write_header = not os.path.exists(filename) or os.path.getsize(filename) == 0
-    update_summary(epoch, train_metrics, eval_metrics, filename=filename, lr=lr, write_header=write_header,
+            header = next(reader, None)
+            keep = [r for r in reader if r and r[0].lstrip('-').isdigit() and int(r[0]) < epoch]
+
+    tmp = filename + '.tmp'
+    with new_file(tmp, newline='') as f:
+        csv.writer(f).writerows([header] + keep if header else [])
+    # timm's row format (and wandb logging), appended to the new file, which then replaces the old one
+    update_summary(epoch, train_metrics, eval_metrics, filename=tmp, lr=lr, write_header=not header,
                    log_wandb=log_wandb)
-    with open(filename, 'rb+') as f:
+    with open(tmp, 'rb+') as f:
         os.fsync(f.fileno())
+    os.replace(tmp, filename)
 
 
 # -------------------------------------------------------------------------------------------------- resume

@@ -5,16 +5,17 @@ always the last r_s skippable blocks of the stage (so every subnet keeps a prefi
 
 - `st`: K_s = (skippable blocks of s) + 1, capped so every stage keeps at least one block.
   ResNet-50 (3/4/6/3): d_s uniform on {1..n_s}, 216 subnets.
-- `st++` (the authors' "space3" inter-stage rule, generalised): the first stage and the last stage
-  that has a skippable block never lose blocks; a middle stage may drop down to 3 blocks, and at least one
-  block if it has a skippable one:
+- `st++` (the authors' "space3" inter-stage rule, generalised): the first stage and the last stage never
+  lose blocks (trailing stages of class-token blocks, CaiT's class attention, are not counted); a middle stage
+  may drop down to 3 blocks, and at least one block if it has a skippable one:
   r_max = min(m_s, max(1, n_s - 3)). ResNet-50 gives K = 1,2,4,1: d = (3, {3,4}, {3..6}, 3), 8 subnets.
 - a K-list such as `1,2,4,1` (validated against the model's stages).
 - `bernoulli[:p]`: every skippable block is dropped independently with probability p (default 0.5).
 
 Flat models (all skippable blocks in one stage, e.g. ViT) are split into `pseudo_stages` (default 4)
 consecutive groups of near-equal size, and the rules above apply to those groups. ViT-S/12 thus gets
-3/3/3/3: `st` gives 81 subnets, `st++` K = 1,2,2,1 (drops block 6 and/or 9: 4 subnets).
+3/3/3/3: `st` gives 81 subnets, `st++` K = 1,2,2,1 (drops block 6 and/or 9: 4 subnets). So is the run of
+transformer blocks after a hybrid's conv stem stages (ViTamin: 2/4/14 becomes 2/4/4/4/3/3).
 """
 from __future__ import annotations
 
@@ -31,12 +32,28 @@ __all__ = ['SubnetSampler', 'parse_space', 'space_k_list', 'split_flat_layout']
 SpaceLike = Union[str, Sequence[int]]
 
 
-def split_flat_layout(layout: BlockLayout, pseudo_stages: int = 4) -> BlockLayout:
-    """Regroup a flat layout (one stage holds every skippable block) into near-equal pseudo-stages."""
+def _flat_stage(layout: BlockLayout) -> Optional[int]:
+    """The stage to cut into pseudo-stages: the one stage with skippable blocks (ViT), or a hybrid's transformer run.
+
+    A hybrid (ViTamin, ViT-ResNet) has conv stem stages before a run of transformer blocks: its last stage with
+    skippable blocks is flat if all its blocks are skippable and return tokens, and no earlier block does.
+    """
     stages_with_skips = [s for s, m in enumerate(layout.skippable_sizes) if m > 0]
-    if len(stages_with_skips) != 1 or pseudo_stages <= 1:
+    if len(stages_with_skips) == 1:
+        return stages_with_skips[0]
+    if not stages_with_skips:
+        return None
+    last = stages_with_skips[-1]
+    run = [layout.blocks[i] for i in layout.stage_indices(last)]
+    stem = [b for b in layout.blocks if b.stage < last]
+    return last if all(b.skippable and b.tokens for b in run) and not any(b.tokens for b in stem) else None
+
+
+def split_flat_layout(layout: BlockLayout, pseudo_stages: int = 4) -> BlockLayout:
+    """Regroup a flat layout's run of blocks (see `_flat_stage`) into near-equal pseudo-stages."""
+    flat = _flat_stage(layout)
+    if flat is None or pseudo_stages <= 1:
         return layout
-    flat = stages_with_skips[0]
     idx = layout.stage_indices(flat)
     groups = max(1, min(pseudo_stages, len(idx) // 2))  # at least 2 blocks per group, so st can drop one
     new_stage = []
@@ -85,7 +102,10 @@ def space_k_list(layout: BlockLayout, space: SpaceLike) -> Optional[Tuple[int, .
     """The per-stage K-list a space means on `layout` (None for the Bernoulli rule); validates K-lists."""
     parsed = parse_space(space)
     n, m = layout.stage_sizes, layout.skippable_sizes
-    last = max(s for s, m_s in enumerate(m) if m_s > 0)  # trailing stages without skips (class attention) don't count
+    # The last stage of the residual body: trailing stages of class-token blocks only (CaiT's class attention,
+    # named explicitly) are head, not body; a last stage whose blocks are all fixed (HGNet's) is still the last.
+    last = max((s for s in range(layout.num_stages)
+                if not all(layout.blocks[i].class_token_only for i in layout.stage_indices(s))), default=0)
     if parsed == 'st':
         return tuple(1 + min(m_s, n_s - 1) for n_s, m_s in zip(n, m))
     if parsed == 'st++':

@@ -2,19 +2,26 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from .blocks import describe_error
 
+_logger = logging.getLogger(__name__)
+
 __all__ = [
     'SizeSampler', 'SmallerInputsError', 'resize_batch', 'size_multiple', 'check_smaller_inputs',
-    'smaller_input_kwargs', 'probe_input_sizes', 'kept_input_sizes', 'describe_kept_sizes',
+    'smaller_input_kwargs', 'probe_input_sizes', 'probe_input_sizes_once', 'kept_input_sizes', 'describe_kept_sizes',
+    'few_sizes_warning',
 ]
 
 
@@ -23,10 +30,23 @@ class SmallerInputsError(ValueError):
 
 
 def size_multiple(model: nn.Module) -> int:
-    """Sizes a model needs its input to be a multiple of: the patch size of patch-embedding models."""
-    patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
+    """Sizes a model needs its input to be a multiple of: the stride of a non-overlapping patch embedding.
+
+    A patch embedding whose kernel equals its stride, with no padding (ViT, DeiT, EVA, Swin), drops the pixels
+    past the last whole patch, so only multiples of its stride are drawn. An overlapping, padded one (PVTv2: kernel
+    7, stride 4, padding 3) uses every pixel of every size: its `patch_size` (the kernel) is no requirement, and
+    the model gets 1. Without a convolution to read, the `patch_size` attribute is taken at its word.
+    """
+    patch_embed = getattr(model, 'patch_embed', None)
+    patch = getattr(patch_embed, 'patch_size', None)
     if patch is None:
         return 1
+    proj = getattr(patch_embed, 'proj', None)
+    if isinstance(proj, nn.Conv2d):
+        padded = proj.padding != 'valid' if isinstance(proj.padding, str) else any(proj.padding)
+        if tuple(proj.kernel_size) != tuple(proj.stride) or padded:
+            return 1
+        return int(proj.stride[0])
     patch = patch if isinstance(patch, (tuple, list)) else (patch, patch)
     return int(patch[0])
 
@@ -125,60 +145,313 @@ def smaller_input_kwargs(model_name: str) -> Dict[str, Any]:
     return {}
 
 
-def _meta_forward(model: nn.Module, in_chans: int) -> Callable[[int], None]:
-    """A forward that propagates shapes only: the model's parameters and buffers as meta tensors, no compute."""
-    state = {n: t.to('meta') for n, t in itertools.chain(model.named_parameters(), model.named_buffers())}
-
-    def forward(size: int) -> None:
-        torch.func.functional_call(model, state, (torch.empty(1, in_chans, size, size, device='meta'),))
-    return forward
+class _Unmemoizable(Exception):
+    """An argument whose signature cannot be taken: the call runs as it is."""
 
 
-def _real_forward(model: nn.Module, in_chans: int) -> Callable[[int], None]:
-    """A real batch-of-one forward, for models whose forward cannot run on meta tensors."""
+_PLAIN = (bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def _signature(obj: Any, meta_only: bool = False) -> Any:
+    """What a call depends on short of tensor values: shapes, strides, dtypes, devices and plain values.
+
+    Raises _Unmemoizable for anything else (and, with `meta_only`, for a tensor off the meta device).
+    """
+    if isinstance(obj, torch.Tensor):
+        if meta_only and obj.device.type != 'meta':
+            raise _Unmemoizable
+        return 'tensor', tuple(obj.shape), obj.stride(), obj.storage_offset(), obj.dtype, obj.device
+    if obj is None or isinstance(obj, _PLAIN):
+        return type(obj), obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj), tuple(_signature(o, meta_only) for o in obj)
+    if isinstance(obj, dict):
+        return dict, tuple((k, _signature(v, meta_only)) for k, v in obj.items())
+    raise _Unmemoizable
+
+
+class _TensorSpec:
+    """Shape, strides, offset, storage size, dtype and device of a tensor: makes a fresh one like it.
+
+    On the meta device that is all a tensor is; a real one is made of zeros (values are not what a probe asks).
+    """
+
+    def __init__(self, t: torch.Tensor):
+        self.shape, self.stride, self.offset = tuple(t.shape), t.stride(), t.storage_offset()
+        self.dtype, self.device = t.dtype, t.device
+        self.numel = t.untyped_storage().nbytes() // max(1, t.element_size())
+
+    def make(self) -> torch.Tensor:
+        storage = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        if self.device.type != 'meta':
+            storage.zero_()
+        return storage.as_strided(self.shape, self.stride, self.offset)
+
+
+def _freeze(out: Any) -> Any:
+    return tree_map(lambda v: _TensorSpec(v) if isinstance(v, torch.Tensor) else v, out)
+
+
+def _thaw(frozen: Any) -> Any:
+    return tree_map(lambda v: v.make() if isinstance(v, _TensorSpec) else v, frozen)
+
+
+class _MetaOpMemo(TorchDispatchMode):
+    """Runs each meta-device operator once per distinct argument signature.
+
+    A meta kernel computes its outputs' metadata from its inputs' metadata alone, so an operator call with the
+    signature of an earlier one has that call's outputs (made afresh: a later in-place change of one cannot reach
+    the cache). Operators that mutate an argument, take a tensor off the meta device, or return other than
+    tensors run as they are.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.cache: Dict[Any, Any] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.is_mutable:
+            return func(*args, **kwargs)
+        try:
+            key = (func, _signature(args, meta_only=True), _signature(kwargs, meta_only=True))
+            hit = self.cache.get(key)
+        except Exception:  # noqa: BLE001 -- _Unmemoizable or an unhashable value: run the call as it is
+            return func(*args, **kwargs)
+        if hit is not None:
+            return _thaw(hit)
+        out = func(*args, **kwargs)
+        leaves = out if isinstance(out, (tuple, list)) else (out,)
+        if all(isinstance(v, torch.Tensor) for v in leaves):
+            self.cache[key] = _freeze(out)
+        return out
+
+
+def _memoized(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """`forward` answering a call with the signature of an earlier call by that call's outputs (or error)."""
+    cache: Dict[Any, Any] = {}
+    missing = object()
+
+    def memo_forward(*args: Any, **kwargs: Any) -> Any:
+        try:
+            key = (_signature(args), _signature(kwargs))
+            hit = cache.get(key, missing)
+        except Exception:  # noqa: BLE001 -- _Unmemoizable or an unhashable value: run the call as it is
+            return forward(*args, **kwargs)
+        if isinstance(hit, BaseException):
+            raise hit
+        if hit is not missing:
+            return _thaw(hit)
+        try:
+            out = forward(*args, **kwargs)
+        except Exception as e:
+            cache[key] = e
+            raise
+        cache[key] = _freeze(out)
+        return out
+    return memo_forward
+
+
+# nn.Module's own bookkeeping (hooks, parameter and submodule tables) and the memo's patch: not state a forward
+# keeps. Buffers stay in: a forward that assigns a buffer keeps state.
+_NOT_STATE = frozenset(vars(nn.Module())) - {'_buffers'} | {'forward'}
+
+
+def _attributes(modules: Sequence[nn.Module]) -> list:
+    """Every module's attributes, shallowly (identities; a dict's, list's or set's entries too): what a forward
+    that keeps state from one call to the next changes."""
+    out = []
+    for m in modules:
+        for k, v in vars(m).items():
+            if k in _NOT_STATE:
+                continue
+            out.append((k, id(v)))
+            if isinstance(v, dict):
+                out.append(tuple(map(id, itertools.chain(v, v.values()))))
+            elif isinstance(v, (list, set)):
+                out.append(tuple(map(id, v)))
+    return out
+
+
+class _StateChanged(Exception):
+    """A module changed its attributes from one probed size to the next: a memo of module calls is unsound."""
+
+
+@contextmanager
+def _memoized_modules(model: nn.Module) -> Iterator[None]:
+    """Within: every submodule holding parameters runs once per distinct input signature.
+
+    Input sizes that differ at the stem meet again deeper down (sizes 96..224 reach ResNet-50's last stage at 5
+    resolutions), so a probe of every size runs each stage only on the shapes that reach it. Sound while module
+    calls depend on their arguments only: the probe (`_EachSize` with `watch`) checks that no module's attributes
+    change between sizes. Modules without parameters (activations, pooling, Identity) are cheap and run as is.
+    """
+    patched = []
+    for module in model.modules():
+        if module is model or isinstance(module, torch.jit.ScriptModule) or next(module.parameters(), None) is None:
+            continue
+        own = vars(module).get('forward')
+        module.forward = _memoized(module.forward)
+        patched.append((module, own))
+    try:
+        yield
+    finally:
+        for module, own in reversed(patched):
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+
+
+class _EachSize(nn.Module):
+    """Runs the model on a batch of one at each size, in the order given; {size: reason} for those that raise.
+
+    A module, so that `torch.func.functional_call` swaps the model's tensors for meta ones once for all sizes.
+    With `watch`, raises _StateChanged when any module's attributes differ after a size from after the one
+    before (the first size may fill caches keyed by device); with `stop` it stops after a failing first size.
+    """
+
+    def __init__(self, model: nn.Module, in_chans: int):
+        super().__init__()
+        self.model, self.in_chans = model, in_chans
+
+    def forward(self, sizes: Sequence[int], device: torch.device, dtype: torch.dtype,
+                watch: bool = False, stop: bool = False) -> Dict[int, str]:
+        failures: Dict[int, str] = {}
+        modules = list(self.model.modules())
+        state = None
+        for s in sizes:
+            try:
+                self.model(torch.zeros(1, self.in_chans, s, s, device=device, dtype=dtype))
+            except Exception as e:  # noqa: BLE001 -- any error means this size cannot be used
+                failures[s] = describe_error(e)
+                if stop and s == sizes[0]:
+                    break
+            if watch:
+                now = _attributes(modules)
+                if state is not None and now != state:
+                    raise _StateChanged
+                state = now
+        return failures
+
+
+def _real_failures(model: nn.Module, sizes: Sequence[int], in_chans: int, watch: bool = False) -> Dict[int, str]:
+    """{size: reason} from real batch-of-one forwards on the model's device and dtype."""
     param = next(model.parameters())
+    return _EachSize(model, in_chans)(sizes, param.device, param.dtype, watch)
 
-    def forward(size: int) -> None:
-        model(torch.zeros(1, in_chans, size, size, device=param.device, dtype=param.dtype))
-    return forward
+
+def _meta_failures(
+        model: nn.Module, sizes: Sequence[int], in_chans: int, ops: _MetaOpMemo) -> Dict[int, str]:
+    """{size: reason} from forwards on the meta device (shapes only), each operator once per signature (`ops`),
+    watched; stops if the first size fails (the model cannot run on meta tensors)."""
+    state = {f'model.{n}': t.to('meta') for n, t in itertools.chain(model.named_parameters(), model.named_buffers())}
+    args = (sizes, torch.device('meta'), next(model.parameters()).dtype, True, True)
+    with ops:
+        return torch.func.functional_call(_EachSize(model, in_chans), state, args)
+
+
+# A first meta forward slower than this is timed against a real one (meta LSTMs, for one, are slow)
+_SLOW_META_S = 0.2
 
 
 @torch.no_grad()
-def probe_input_sizes(model: nn.Module, sizes: Sequence[int], in_chans: int = 3) -> Dict[int, str]:
+def probe_input_sizes(
+        model: nn.Module, sizes: Sequence[int], in_chans: int = 3, exhaustive: bool = False) -> Dict[int, str]:
     """Which input sizes the model cannot take: {size: one-line reason}, from one eval-mode forward per size.
 
-    Shapes are propagated on the meta device (no compute, no memory for activations); if the model cannot run on
-    meta tensors at all (the largest size fails there), or a real forward of the largest size is cheaper (small
-    inputs on CPU), batch-of-one real forwards are used. Both give the same answer on every model tried.
+    Fast path: shapes are propagated on the meta device (no compute), largest size first, each module with
+    parameters running once per distinct input signature and each operator once per distinct argument signature,
+    so a size re-runs only what sees a new shape. A real batch-of-one forward of the smallest working size then
+    checks the meta answer. If that disagrees, the model cannot run on meta tensors (the largest size fails there),
+    or a real forward of the largest size is cheaper than a meta one (e.g. LSTMs on CPU), every size gets a real
+    forward, memoized by module; if a module changes its attributes from one size to
+    the next (state the memo cannot see), every size gets a plain real forward. `exhaustive=True` is one plain real
+    forward per size: the reference the fast path is tested against.
     """
     sizes = sorted({int(s) for s in sizes})
     was_training = model.training
     model.eval()
-    failures: Dict[int, str] = {}
     try:
-        forward = _real_forward(model, in_chans)
-        start = time.perf_counter()
+        if exhaustive:
+            return _real_failures(model, sizes, in_chans)
         try:
-            forward(sizes[-1])
-            real_cost = time.perf_counter() - start
-        except Exception as e:  # noqa: BLE001 -- any error means this size cannot be used
-            failures[sizes[-1]], real_cost = describe_error(e), float('inf')
-        meta = _meta_forward(model, in_chans)
-        start = time.perf_counter()
-        try:
-            meta(sizes[-1])
-            if time.perf_counter() - start < real_cost:
-                forward = meta
-        except Exception:  # noqa: BLE001 -- no meta kernel or a data-dependent forward: stay with real forwards
-            pass
-        for s in sizes[:-1]:
-            try:
-                forward(s)
-            except Exception as e:  # noqa: BLE001
-                failures[s] = describe_error(e)
+            with _memoized_modules(model):
+                ops, start = _MetaOpMemo(), time.perf_counter()
+                failures = _meta_failures(model, sizes[-1:], in_chans, ops)
+                meta_cost, real_cost, real_first = time.perf_counter() - start, 0.0, {}
+                if not failures and meta_cost > _SLOW_META_S:  # a real forward may be cheaper (small inputs, CPU)
+                    start = time.perf_counter()
+                    real_first = _real_failures(model, sizes[-1:], in_chans)
+                    real_cost = time.perf_counter() - start
+                _logger.debug("size probe: first meta %.3f s, real %.3f s", meta_cost, real_cost)
+                use_meta = not failures and not real_first and (real_cost == 0.0 or meta_cost <= real_cost)
+                if use_meta:
+                    failures = _meta_failures(model, sizes[::-1], in_chans, ops)
+            kept = [s for s in sizes if s not in failures]
+            if not use_meta or _real_failures(model, kept[:1], in_chans):
+                # real is cheaper, no meta kernel, a data-dependent forward, or meta disagrees with a real forward
+                _logger.debug('size probe: real forwards (meta: %s)', failures.get(sizes[-1], 'slower or wrong'))
+                with _memoized_modules(model):
+                    failures = _real_failures(model, sizes[::-1], in_chans, watch=True)
+        except _StateChanged:
+            _logger.debug('size probe: a module keeps state between sizes; plain real forwards')
+            failures = _real_failures(model, sizes, in_chans)
     finally:
         model.train(was_training)
-    return failures
+    return dict(sorted(failures.items()))
+
+
+def probe_input_sizes_once(model: nn.Module, sizes: Sequence[int], in_chans: int = 3) -> Dict[int, str]:
+    """`probe_input_sizes`, run once under torch.distributed: rank 0 probes and broadcasts its answer.
+
+    Every rank holds the same architecture, so one probe answers for all, and every rank then draws from the same
+    sizes. Without a process group of several ranks it is `probe_input_sizes`. An unexpected error of the probe on
+    rank 0 is raised on every rank (no rank is left waiting in the broadcast).
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return probe_input_sizes(model, sizes, in_chans)
+    answer: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            answer = [probe_input_sizes(model, sizes, in_chans)]
+        except Exception as e:  # noqa: BLE001 -- handed to every rank below
+            answer = [RuntimeError(f'the input size probe failed on rank 0: {describe_error(e)}')]
+    dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], BaseException):
+        raise answer[0]
+    return answer[0]
+
+
+# Fewer working sizes below the training size than this, out of a range that lost some, and the smaller-input
+# branch is as good as off: say so as a warning (see `few_sizes_warning`).
+FEW_SIZES = 3
+
+
+def _model_name(model: nn.Module) -> str:
+    return (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+
+
+def few_sizes_warning(
+        model: nn.Module, sizes: Sequence[int], kept: Sequence[int], full_size: int, failures: Dict[int, str]) -> str:
+    """A warning when the probe left fewer than FEW_SIZES sizes below `full_size` of a requested range; '' if not.
+
+    Training goes on (subnets still drop blocks), but ST++'s smaller inputs are then in effect off, which the user
+    should know and choose: turn them off explicitly, or name sizes the model takes. Nothing is said when every
+    requested size was kept (a short --stim-sizes list is the user's choice).
+    """
+    smaller = [s for s in kept if s < full_size]
+    dropped = sorted(s for s in sizes if s in failures and s < full_size)
+    if not dropped or not smaller or len(smaller) >= FEW_SIZES:
+        return ''
+    requested = sorted(s for s in sizes if s < full_size)
+    return (f'{_model_name(model)} takes only {len(smaller)} of the {len(requested)} subnet input sizes '
+            f'{requested[0]}..{requested[-1]} below the training size {full_size} '
+            f'(kept: {", ".join(map(str, smaller))}; the others fail, e.g. {dropped[0]} px: {failures[dropped[0]]}), '
+            f'so ST++\'s smaller-input branch is in effect off: subnets train at {", ".join(map(str, kept))} px. '
+            f'Choose: --stim-min-scale 1 turns smaller inputs off (and this warning), --stim-sizes draws sizes the '
+            f'model takes.')
 
 
 def check_smaller_inputs(model: nn.Module, sizes: Sequence[int], full_size: int, in_chans: int = 3) -> Tuple[int, ...]:
@@ -197,7 +470,7 @@ def kept_input_sizes(
 
     Split from `check_smaller_inputs` so that one probe over the union of several size ranges serves each range.
     """
-    name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+    name = _model_name(model)
     sizes = sorted(set(int(s) for s in sizes))
     failures = {s: reason for s, reason in failures.items() if s in sizes}
     kept = tuple(s for s in sizes if s not in failures)

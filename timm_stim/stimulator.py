@@ -25,8 +25,8 @@ from .losses import StimLoss
 from .sampler import SubnetSampler, split_flat_layout
 from .skip import subnet
 from .sizes import (
-    SizeSampler, SmallerInputsError, describe_kept_sizes, kept_input_sizes, probe_input_sizes, resize_batch,
-    size_multiple,
+    SizeSampler, SmallerInputsError, describe_kept_sizes, few_sizes_warning, kept_input_sizes, probe_input_sizes_once,
+    resize_batch, size_multiple,
 )
 
 __all__ = ['StimConfig', 'STIM_PRESETS', 'create_stim_config', 'Stimulator', 'create_stimulator',
@@ -150,7 +150,8 @@ class Stimulator:
         requested = {s: sampler.sizes for s, sampler in self.size_samplers.items() if sampler.enabled}
         if requested:  # every size any sampler could draw is probed now, once, so no draw can fail mid-training
             union = sorted(set().union(*requested.values()))
-            failures = probe_input_sizes(model, union, default_input_size(model)[0])
+            # under torch.distributed rank 0 probes and broadcasts: one probe, the same sizes on every rank
+            failures = probe_input_sizes_once(model, union, default_input_size(model)[0])
             for size, sizes in requested.items():
                 try:
                     kept = kept_input_sizes(model, sizes, size, failures)
@@ -163,6 +164,9 @@ class Stimulator:
                     self.size_samplers[size] = build(size, kept)
                 at = f' at {size} px' if len(self.full_sizes) > 1 else ''
                 _logger.info(f'Subnet input sizes{at}: {describe_kept_sizes(sizes, kept)}')
+                few = few_sizes_warning(model, sizes, kept, size, failures)
+                if few:  # training goes on, but the user is told the smaller-input branch is in effect off
+                    _logger.warning(few)
         self.size_sampler = self.size_samplers[self.full_size]  # the primary: S's range
         self.enabled = True
 
@@ -310,7 +314,9 @@ def _accumulate_grads(loss: torch.Tensor, params: List[torch.Tensor]) -> None:
         if g is None:
             continue
         if p.grad is None:
-            p.grad = g.detach()
+            # a fresh buffer in the parameter's layout, as AccumulateGrad makes one: autograd.grad may return an
+            # expanded or differently strided tensor, on which `+=` fails or DDP's bucket views warn
+            p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(g)
         else:
             existing.append(p.grad)
             new.append(g)

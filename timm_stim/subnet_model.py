@@ -41,8 +41,8 @@ __all__ = [
 SUPPORTED_FAMILIES = (
     'families whose constructor takes the block count in total or per stage, e.g. ResNet/ResNeXt/SE-ResNet/ResNetV2 '
     '(layers), ViT/DeiT/EVA/BEiT/CaiT (depth), ConvNeXt/Swin (depths)')
-# Constructor parameters that may hold block counts: the name speaks of depth, layers, blocks or repeats.
-_DEPTH_PARAM = re.compile(r'depth|layers|blocks|repeat', re.IGNORECASE)
+# Constructor parameters that may hold block counts: the name speaks of depth, layers, blocks, repeats or stages.
+_DEPTH_PARAM = re.compile(r'depth|layers|blocks|repeat|^stages$', re.IGNORECASE)
 # create_model kwargs that are about loading or running, not the architecture; drop rates do nothing in eval mode.
 _RUNTIME_ARGS = {
     'pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'pretrained_model_args', 'checkpoint_path', 'cache_dir',
@@ -180,14 +180,17 @@ def _depth_candidates(model: nn.Module, recorded: Dict[str, Any]) -> List[Tuple[
     return candidates
 
 
-def _value_forms(counts: Sequence[int], current: Any) -> List[DepthValue]:
-    """The subnet's block counts as the parameter takes them: one total for a flat model, else one per container."""
+def _value_forms(counts: Sequence[int], current: Any, per_stage: Sequence[int] = ()) -> List[DepthValue]:
+    """The subnet's block counts as the parameter takes them: one total for a flat model, else one per container,
+    or one per stage of the layout when all stages share one container (Hiera's `stages`)."""
     per_container = tuple(int(c) for c in counts)
     if isinstance(current, int) and not isinstance(current, bool):
         # a flat count: of all blocks, or of one container when others are counted by other parameters (CaiT)
         return list(dict.fromkeys([sum(per_container), *per_container]))
     if isinstance(current, (tuple, list)):
-        return [per_container] if len(current) == len(per_container) else []
+        if len(current) == len(per_container):
+            return [per_container]
+        return [tuple(int(c) for c in per_stage)] if per_stage and len(current) == len(per_stage) else []
     return [per_container] + ([per_container[0]] if len(per_container) == 1 else [])
 
 
@@ -224,7 +227,7 @@ def find_depth_argument(
     base = _creation_args(model, model_args)
     tried = []
     for name, current in _depth_candidates(model, base):
-        forms = _value_forms(counts, current)
+        forms = _value_forms(counts, current, layout.depths(spec))
         if not forms:
             tried.append(f'{name} (takes {len(current)} values, the blocks sit in {len(containers)} containers)')
         for value in forms:
@@ -320,8 +323,16 @@ def create_subnet_model(
         diff = _max_logit_difference(model, layout, spec, small, input_size)
         result.max_logit_diff = diff
         if not diff <= atol:
+            try:
+                prefix = layout.spec_from_depths(result.depths) == spec
+            except ValueError:  # depths no depth vector may ask for: a keep-mask
+                prefix = False
+            hint = ('the architecture runs code tied to a block index that this depth changes (e.g. Twins applies '
+                    'its position encoding after the first block of a stage, so an empty stage drops it); keep at '
+                    'least one block in every stage') if prefix else (
+                    'a block behaves differently at its new index (e.g. Swin alternates shifted windows by index); '
+                    'use a prefix depth vector (--depths) instead of this keep-mask')
             raise SubnetExportError(
                 f'{model_name} with {depth_argument.name}={depth_argument.value}: logits differ from the in-place '
-                f'subnet by up to {diff:.3g}; a block behaves differently at its new index (e.g. Swin alternates '
-                f'shifted windows by index), use a prefix depth vector (--depths) instead of this keep-mask')
+                f'subnet by up to {diff:.3g}: {hint}')
     return result

@@ -10,7 +10,7 @@ import torch.nn as nn
 from timm.task import TrainingTask
 from timm.utils import ModelEmaV3, unwrap_model
 
-from .stimulator import Stimulator, stimulative_forward
+from .stimulator import Stimulator, stimulative_forward, uses_grad_checkpointing
 
 __all__ = ['StimulativeModule', 'StimulativeTask']
 
@@ -33,6 +33,7 @@ class StimulativeModule(nn.Module):
         self.stimulator = stimulator
         self.grad_multiplier = 1.0
         self.grad_scaler = None
+        self._multiplier_cache = None  # (value, the value as a device tensor)
         self.set_compiled(None)
 
     def set_compiled(self, compiled: Optional[Callable], subnets: bool = False) -> None:
@@ -46,16 +47,34 @@ class StimulativeModule(nn.Module):
 
     def forward(self, input: Any, target: torch.Tensor) -> Dict[str, Any]:
         multiplier = self.grad_multiplier
-        if self.grad_scaler is not None and self.stimulator is not None and torch.is_grad_enabled():
-            # the AMP scale stays on the device: reading it as a number would sync host and device every step
-            multiplier = self.grad_scaler.scale(torch.as_tensor(multiplier, dtype=torch.float32,
-                                                                  device=target.device))
+        if self.grad_scaler is not None and self._backward_inside() and torch.is_grad_enabled():
+            # subnet losses back-propagated inside forward get the loop's AMP scale, which stays on the device
+            # (reading it as a number would sync host and device every step)
+            multiplier = self.grad_scaler.scale(self._device_multiplier(target.device))
         if self.compiled is not None and self.compile_subnets:
             # subnet() swaps block classes on the shared modules, so the compiled callable runs subnets too
             return stimulative_forward(self.compiled, input, target, self.criterion, self.stimulator,
                                        grad_multiplier=multiplier)
         return stimulative_forward(self.module, input, target, self.criterion, self.stimulator,
                                    grad_multiplier=multiplier, full_model=self.compiled)
+
+    def _backward_inside(self) -> bool:
+        """Whether this step's subnet passes back-propagate inside forward (memory-lean, gradient checkpointing):
+        only then is the multiplier used."""
+        stimulator = self.stimulator
+        return stimulator is not None and stimulator.enabled and (
+            stimulator.config.memory_lean or uses_grad_checkpointing(self.module))
+
+    def _device_multiplier(self, device: torch.device) -> torch.Tensor:
+        """grad_multiplier as a float32 tensor on `device`, made when the value changes (no copy per step)."""
+        multiplier = self.grad_multiplier
+        if torch.is_tensor(multiplier):
+            return multiplier
+        cached = self._multiplier_cache
+        if cached is None or cached[0] != multiplier or cached[1].device != device:
+            cached = (multiplier, torch.full((), multiplier, dtype=torch.float32, device=device))
+            self._multiplier_cache = cached
+        return cached[1]
 
 
 class StimulativeTask(TrainingTask):
@@ -117,8 +136,17 @@ class StimulativeTask(TrainingTask):
         return module
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'StimulativeTask':
+        """Wrap the trainable module in DDP. A distillation teacher (frozen, in the loss) stays out of DDP's
+        reach, as timm keeps it outside the wrapped module: no broadcast of its weights at wrap, none of its
+        BatchNorm buffers every step."""
         from torch.nn.parallel import DistributedDataParallel as DDP
-        self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
+        module = self.trainable_module
+        teacher = getattr(self.criterion, 'teacher', None)
+        if teacher is not None:
+            ignored = [f'{name}.{key}' for name, sub in module.named_modules() if sub is teacher
+                       for key, _ in list(sub.named_parameters()) + list(sub.named_buffers())]
+            DDP._set_params_and_buffers_to_ignore_for_model(module, ignored)
+        self.trainable_module = DDP(module, device_ids=device_ids, **ddp_kwargs)
         return self
 
     def compile(self, backend: str = 'inductor', mode: Optional[str] = None, scope: str = 'full',

@@ -13,16 +13,18 @@ import difflib
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import yaml
 from timm.utils import ParseKwargs
 
-from .cli import OneLineArgumentParser, UsageError, check_output_folder
+from .cli import (MAX_BATCH_SIZE, MAX_IMG_SIZE, MAX_SEED, MAX_WORKERS, MIN_IMG_SIZE, OneLineArgumentParser,
+                  UsageError, check_git_revision, check_interpolation, check_model_kwargs, check_output_folder,
+                  name_max, one_line, short_value)
 
 __all__ = ['ArgsError', 'build_parser', 'load_config', 'parse_args', 'check_args', 'args_record', 'Rule', 'RULES',
-           'RUNTIME_KEYS', 'ST_INCOMPATIBLE']
+           'RUNTIME_KEYS', 'ST_INCOMPATIBLE', 'MODEL_KWARG_FLAGS', 'aa_policy_error', 'model_kwarg_flag']
 
 # Keys an args.yaml may hold that are not flags: set at run time by timm's or train_stim's set-up.
 RUNTIME_KEYS = ('world_size', 'rank', 'distributed', 'prefetcher', 'config', 'device_id', 'digits_recipe')
@@ -283,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
                         '"1,1,1,1 2,2,2,2", "keep:MASK" or "pareto:N" (python -m timm_stim.export); with '
                         '--push-to-hub each goes to <hub-repo-id>-d<depths>')
 
+    g = p.add_argument_group('Fine-tune a trained model with ST (timm_stim.finetune)')
+    g.add_argument('--finetune', nargs='?', const='', default=None, metavar='SOURCE',
+                   help='make a trained model elastic: a run folder, checkpoint, export folder, local-dir:PATH, '
+                        'hf-hub:NAME or timm NAME.TAG (bare: --pretrained / --initial-checkpoint / '
+                        '--pretrained-path); fills the fine-tune settings you leave open, measures the subnets '
+                        'before and after, exports pareto:3')
+
     g = p.add_argument_group('Hugging Face Hub (token from HF_TOKEN or `hf auth login`)')
     g.add_argument('--push-to-hub', action='store_true', help='export a plain timm model at the end and push it')
     g.add_argument('--hub-repo-id', default=None, help='owner/name')
@@ -292,19 +301,64 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_MAX_CONFIG_BYTES = 1 << 20  # a recipe or args.yaml is a few KB
+_MAX_CONFIG_VALUES = 100_000  # values after YAML aliases are expanded (a 'billion laughs' file has 10**9)
+
+
+def _read_config_text(path: str) -> str:
+    """The config file as text: a regular file of at most 1 MiB of UTF-8 without NUL bytes, else ArgsError."""
+    try:
+        if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
+            raise ArgsError(f'config {path} is not a regular file (a device or pipe?): pass a YAML file')
+        with open(path, 'rb') as f:
+            data = f.read(_MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ArgsError(f'cannot read config {path}: {e.strerror or e}') from None
+    if len(data) > _MAX_CONFIG_BYTES:
+        raise ArgsError(f'config {path} is larger than {_MAX_CONFIG_BYTES >> 20} MiB: not a YAML of flags')
+    if b'\0' in data:
+        raise ArgsError(f'config {path} is a binary file, not a YAML of flags')
+    try:
+        return data.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        raise ArgsError(f'config {path} is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}): save it as '
+                        f'UTF-8 YAML') from None
+
+
+def _too_many_values(cfg: Any) -> bool:
+    """More than _MAX_CONFIG_VALUES values once aliases are expanded (what writing args.yaml would expand)."""
+    stack, count = [cfg], 0
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > _MAX_CONFIG_VALUES:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set)):
+            stack.extend(item)
+    return False
+
+
 def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
     """Read a YAML of parser defaults (a recipe or any args.yaml, timm's included).
 
     Unknown keys are errors (with a did-you-mean), not silently ignored; run-time keys timm and train_stim write
     (world_size, rank, ...) are skipped. Values are checked by `check_args` after parsing.
     """
+    text = _read_config_text(path)
     try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise ArgsError(f'cannot read config {path}: {e.strerror}') from None
+        cfg = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ArgsError(f'config {path} is not valid YAML: {e}') from None
+        raise ArgsError(f'config {path} is not valid YAML: {one_line(e)[:300]}') from None
+    except RecursionError:
+        raise ArgsError(f'config {path} nests too deeply to be a YAML of flags') from None
+    except (ValueError, TypeError, OverflowError) as e:  # e.g. a date that does not exist: 2021-02-30
+        raise ArgsError(f'config {path} is not valid YAML: {type(e).__name__}: {one_line(e)[:200]}') from None
+    if _too_many_values(cfg):
+        raise ArgsError(f'config {path} expands to more than {_MAX_CONFIG_VALUES} values (YAML anchors and '
+                        f'aliases?): not a YAML of flags')
     if not isinstance(cfg, dict):
         raise ArgsError(f'config {path} must map argument names to values')
     actions = {a.dest: a for a in parser._actions}
@@ -352,11 +406,17 @@ class Rule:
     """One check: `ok(value)` must hold for each of `dests` (skipping None), when `applies(args)`.
 
     The message reads `--<flag> <need> (got <value>)`, so `need` says what is expected, e.g. 'must be >= 1'.
+    With `uses_args`, `ok` is called as `ok(value, args)` (combinations with other flags); `need` may be a function
+    `need(value, args)` for messages that name what the other flags allow. An `ok` that raises UsageError gives
+    its own one-line message; one that raises anything else counts as a refusal (a value it cannot even read).
+    `check_args` runs the single-flag rules first, then the `uses_args` ones, so a combination is only judged
+    between values that are each in range.
     """
     dests: Tuple[str, ...]
-    ok: Callable[[Any], bool]
-    need: str
+    ok: Callable[..., bool]
+    need: Union[str, Callable[[Any, argparse.Namespace], str]]
     applies: Callable[[argparse.Namespace], bool] = lambda args: True
+    uses_args: bool = False
 
 
 def _stim_on(args) -> bool:
@@ -367,34 +427,302 @@ def _in(*choices):
     return lambda v: v in choices
 
 
-_MIN_IMG_SIZE = 8  # smaller inputs leave nothing for a stride-32 network's last stage and for crop augmentation
+_MIN_IMG_SIZE = MIN_IMG_SIZE
+_MAX_EPOCHS = 1_000_000  # epochs and every epoch count: timm's longest recipes run 1,600 (MAE)
+_MAX_SUBNETS = 256  # subnets per step: each is one more forward and backward pass; the authors' recipe uses 6
+_MAX_CLASSES = 10_000_000  # classifier outputs: a 512-wide head is already 20 GB of weights at this size
+_MAX_REPEATS = 100  # repeated-augmentation copies of each image (timm's recipes: 3)
+_MAX_ERASE_COUNT = 100  # random-erase regions per image (timm's recipes: 1)
 _positive = lambda v: v >= 1  # noqa: E731
 _non_negative = lambda v: v >= 0  # noqa: E731
 _probability = lambda v: 0.0 <= v <= 1.0  # noqa: E731
+_fraction = lambda v: 0.0 < v <= 1.0  # noqa: E731
+_above_zero = lambda v: v > 0  # noqa: E731
+
+
+def _opt_info(args):
+    """timm's registry entry of --opt ('lookahead_adamw' -> adamw), or None for an unknown name."""
+    from timm.optim import get_optimizer_info
+    try:
+        return get_optimizer_info(str(args.opt).lower().split('_')[-1])
+    except (ValueError, KeyError):
+        return None
+
+
+def _num_betas(args) -> Optional[int]:
+    """How many --opt-betas the optimizer takes (timm's OptimInfo); None when it takes none (timm then drops the
+    flag, as it drops --momentum for Adam)."""
+    info = _opt_info(args)
+    return getattr(info, 'num_betas', 2) if info is not None and getattr(info, 'has_betas', False) else None
+
+
+def _nesterov(args) -> bool:
+    """--opt is a Nesterov-momentum optimizer (timm's sgd, nesterov, sgdw, nlars, ...): torch then needs a
+    momentum > 0."""
+    info = _opt_info(args)
+    return bool(info is not None and getattr(info, 'has_momentum', False) and (info.defaults or {}).get('nesterov'))
+
+
+def _eval_batch(args) -> int:
+    return args.validation_batch_size or args.batch_size
+
+
+def _max_seed() -> int:
+    """numpy's seed limit, less the ranks: timm seeds each rank with seed + rank."""
+    try:
+        world = max(1, int(os.environ.get('WORLD_SIZE', '1')))
+    except ValueError:
+        world = 1
+    return MAX_SEED - (world - 1)
+
+
+def _scheduled_epochs(args) -> float:
+    """Epochs timm's cycle schedulers (cosine, tanh, poly) run: epochs * (1 + mul + ... + mul**(limit - 1))."""
+    epochs, mul, limit = args.epochs, args.lr_cycle_mul, args.lr_cycle_limit
+    try:
+        total = epochs * limit if mul == 1 else epochs * (mul ** limit - 1) / (mul - 1)
+    except OverflowError:
+        return math.inf
+    return total + (args.warmup_epochs if args.warmup_prefix else 0) + args.cooldown_epochs
+
+
+def _compile_backends(all_tags: bool = True) -> Sequence[str]:
+    import torch._dynamo
+    try:
+        return list(torch._dynamo.list_backends(exclude_tags=())) if all_tags else list(torch._dynamo.list_backends())
+    except TypeError:  # older torch: no exclude_tags
+        return list(torch._dynamo.list_backends())
+
+
+def _compile_modes() -> Optional[Sequence[str]]:
+    try:
+        from torch._inductor import list_mode_options
+        return list(list_mode_options())
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+def _output_root(args) -> str:
+    return args.output or os.path.join('.', 'output', 'train')
+
+
+def _experiment_fits(name: str, args) -> bool:
+    """The run-folder name fits the file system's NAME_MAX where --output is (checked before --output exists)."""
+    return len(os.fsencode(name)) <= name_max(_output_root(args))
+
+
+def _pil_mode(mode: str) -> bool:
+    from PIL import Image, ImageMode
+    modes = getattr(Image, 'MODES', None)
+    if modes is not None:
+        return mode in modes
+    try:
+        ImageMode.getmode(mode)
+    except KeyError:
+        return False
+    return True
+
+
+def _module_exists(name: str) -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+_AA_FORMS = ("use rand-m9-mstd0.5 (RandAugment: m, n, p, mstd, mmax, inc, t), augmix-m3-w3 (AugMix: m, w, d, a, b, "
+             "mstd) or an AutoAugment policy v0, v0r, original, originalr, 3a (with mstd); sections are '-'-separated "
+             "key+number")
+
+
+def aa_policy_error(policy: str) -> Optional[str]:
+    """Why timm's augmentation factory cannot use `policy` as given, or None.
+
+    The policy goes through timm's own parser (timm.data.auto_augment: rand_augment_transform,
+    augment_and_mix_transform or auto_augment_transform, chosen by prefix as timm's transforms_factory does). On
+    top, a section timm would silently skip is refused: one without a number ('rand-m9-zz'), an empty one
+    ('rand--m9'), one given twice (timm keeps one), an unknown RandAugment transform set ('tfoo' falls back to the
+    default set) and a magnitude above the one timm clamps to ('rand-m30' runs as m10 unless mmax says otherwise).
+    """
+    import re
+    from timm.data import auto_augment as taa
+    if not isinstance(policy, str) or not policy.strip():
+        return 'must name a policy'
+    kind = 'rand' if policy.startswith('rand') else 'augmix' if policy.startswith('augmix') else 'auto'
+    hparams = dict(translate_const=100, img_mean=(124, 116, 104))
+    try:
+        if kind == 'rand':
+            taa.rand_augment_transform(policy, dict(hparams))
+        elif kind == 'augmix':
+            taa.augment_and_mix_transform(policy, dict(hparams, translate_pct=0.3))
+        else:
+            taa.auto_augment_transform(policy, dict(hparams))
+    except Exception as e:  # noqa: BLE001: timm's parsers assert, or fail in int() / float()
+        detail = one_line(e) or type(e).__name__
+        return f'is not a policy timm can parse ({detail[:120]}); {_AA_FORMS}'
+    values: Dict[str, str] = {}
+    for section in policy.split('-')[1:]:
+        if kind == 'rand' and section.startswith('t'):
+            key, value = 't', section[1:]
+            if taa.rand_augment_choices(value) is taa.rand_augment_choices(''):
+                return (f"has transform set {section!r}, which timm does not know and would replace by its default "
+                        f"set; use tweights, t3a or t3aw, or leave the section out")
+        else:
+            parts = re.split(r'(\d.*)', section)
+            if not section:
+                return "has an empty section ('--', or a '-' at either end), which timm would silently ignore"
+            if len(parts) < 2:
+                return (f"has section {section!r} without a number, which timm would silently ignore; "
+                        f"{_AA_FORMS}")
+            key, value = parts[0], parts[1]
+        if key in values:
+            return f"gives section {key!r} twice; timm would use only one of them: give it once"
+        values[key] = value
+    if kind in ('rand', 'augmix') and 'm' in values:
+        bound = int(values['mmax']) if kind == 'rand' and 'mmax' in values else int(taa._LEVEL_DENOM)
+        if int(values['m']) > bound:
+            return (f'has magnitude m{values["m"]}, above {bound}, to which timm clamps it'
+                    + ('; add mmax' + values['m'] + ' to allow it' if kind == 'rand' else ''))
+    if kind == 'rand' and 'p' in values and not 0 <= float(values['p']) <= 1:
+        return f'has probability p{values["p"]}: it must be in [0, 1]'
+    return None
+
+
+# create_model kwargs that timm's train.py (and train_stim) set from a flag: the same key in --model-kwargs is a
+# duplicate keyword argument. For the model-creation step, `model_kwarg_flag` names the flag behind a kwarg.
+MODEL_KWARG_FLAGS = {
+    'pretrained': '--pretrained', 'in_chans': '--in-chans', 'num_classes': '--num-classes', 'drop_rate': '--drop',
+    'drop_path_rate': '--drop-path', 'drop_block_rate': '--drop-block', 'global_pool': '--gp',
+    'bn_momentum': '--bn-momentum', 'bn_eps': '--bn-eps', 'scriptable': '--torchscript',
+    'checkpoint_path': '--initial-checkpoint', 'pretrained_cfg_overlay': '--pretrained-path',
+}
+
+
+def model_kwarg_flag(key: str) -> str:
+    """The flag a timm.create_model kwarg comes from: '--drop' for drop_rate, else '--model-kwargs <key>=...'."""
+    return MODEL_KWARG_FLAGS.get(key, f'--model-kwargs {key}=...')
+
+
+def _model_kwargs_ok(kwargs: Dict[str, Any], args) -> bool:
+    owned = dict(MODEL_KWARG_FLAGS)
+    if not getattr(args, 'pretrained_path', None):  # timm passes pretrained_cfg_overlay only with --pretrained-path
+        owned.pop('pretrained_cfg_overlay')
+    check_model_kwargs(kwargs, owned)  # raises UsageError with its own message
+    return True
+
+
+_EPOCH_COUNTS = ('epochs', 'stop_epoch', 'start_epoch', 'warmup_epochs', 'cooldown_epochs', 'patience_epochs',
+                 'mixup_off_epoch', 'stim_start_epoch', 'decay_epochs')
+_SIZE_LISTS = ('stim_sizes', 'train_img_sizes')
+_SCHED_CYCLES = ('cosine', 'tanh', 'poly')
 
 RULES = [
+    # counts and sizes: what can work at all ...
     Rule(('batch_size', 'epochs', 'grad_accum_steps', 'log_interval', 'val_interval', 'lr_base_size',
           'lr_cycle_limit'), _positive, 'must be >= 1'),
-    Rule(('validation_batch_size', 'stop_epoch', 'in_chans', 'num_classes', 'checkpoint_hist'), _positive,
-         'must be >= 1'),
+    Rule(('validation_batch_size', 'stop_epoch', 'in_chans', 'num_classes', 'checkpoint_hist',
+          'kd_student_feature_dim', 'kd_teacher_feature_dim'), _positive, 'must be >= 1'),
     Rule(('input_size',), lambda v: all(n >= 1 for n in v) and v[0] <= 4 and min(v[1:]) >= _MIN_IMG_SIZE,
          f'must be C H W with 1 to 4 channels and H, W >= {_MIN_IMG_SIZE}'),
     Rule(('img_size',), lambda v: v >= _MIN_IMG_SIZE, f'must be >= {_MIN_IMG_SIZE}'),
+    # ... and generous upper bounds, past which a value can only be a typo
+    Rule(('batch_size', 'validation_batch_size'), lambda v: v <= MAX_BATCH_SIZE,
+         f'must be <= {MAX_BATCH_SIZE} per process'),
+    Rule(('workers',), lambda v: v <= MAX_WORKERS, f'must be <= {MAX_WORKERS} loader processes per rank'),
+    Rule(_EPOCH_COUNTS, lambda v: v <= _MAX_EPOCHS, f'must be <= {_MAX_EPOCHS} epochs'),
+    Rule(('decay_milestones',), lambda v: all(m <= _MAX_EPOCHS for m in v), f'must be <= {_MAX_EPOCHS} epochs'),
+    Rule(('img_size',), lambda v: v <= MAX_IMG_SIZE, f'must be <= {MAX_IMG_SIZE} px'),
+    Rule(('input_size',), lambda v: max(v[1:]) <= MAX_IMG_SIZE, f'must have H, W <= {MAX_IMG_SIZE} px'),
+    Rule(('num_classes',), lambda v: v <= _MAX_CLASSES, f'must be <= {_MAX_CLASSES} (ImageNet-21k has 21,843)'),
+    Rule(('tta',), lambda v, args: v <= 1 or _eval_batch(args) % v == 0,
+         lambda v, args: f'must divide the validation batch size {_eval_batch(args)}: each run of --tta consecutive '
+                         f'outputs of a batch is averaged', uses_args=True),
+    Rule(('aug_repeats',), lambda v: v <= _MAX_REPEATS, f'must be <= {_MAX_REPEATS} copies of each image'),
+    Rule(('recount',), lambda v: v <= _MAX_ERASE_COUNT, f'must be <= {_MAX_ERASE_COUNT} regions per image'),
+    Rule(('lr_cycle_limit',), lambda v, args: _scheduled_epochs(args) <= _MAX_EPOCHS,
+         lambda v, args: f'with --epochs {args.epochs} and --lr-cycle-mul {args.lr_cycle_mul} schedules '
+                         f'{_scheduled_epochs(args):.3g} epochs; at most {_MAX_EPOCHS} can run',
+         lambda args: args.sched in _SCHED_CYCLES and args.lr_cycle_mul > 0, uses_args=True),
+    Rule(('seed',), lambda v: 0 <= v <= _max_seed(),
+         lambda v, args: f'must be in [0, {_max_seed()}] (numpy seeds with seed + rank, at most 2**32-1)'),
+    Rule(('local_rank',), _non_negative, 'must be >= 0'),
     Rule(('std',), lambda v: all(x > 0 for x in v), 'must be > 0'),
+    # optimizer
     Rule(('opt',), lambda v: _known_optimizer(v), "must be a timm optimizer (timm.optim.list_optimizers(); "
                                                    "'lookahead_' prefix allowed)"),
+    Rule(('opt_eps',), _above_zero, 'must be > 0'),
+    Rule(('opt_betas',), lambda v: 1 <= len(v) <= 3 and all(0 <= b < 1 for b in v),
+         'must be 1 to 3 values, each in [0, 1)'),
+    Rule(('opt_betas',), lambda v, args: len(v) == _num_betas(args),
+         lambda v, args: f'needs {_num_betas(args)} values for --opt {args.opt}',
+         lambda args: _num_betas(args) is not None, uses_args=True),
+    Rule(('momentum',), lambda v: 0 <= v < 1, 'must be in [0, 1) (at 1 no gradient would ever be forgotten)'),
+    Rule(('momentum',), _above_zero, lambda v, args: f'must be > 0: --opt {args.opt} uses Nesterov momentum',
+         _nesterov),
+    Rule(('layer_decay_no_opt_scale',), _probability, 'must be in [0, 1] (layer lr scales are in (0, 1])'),
+    # learning-rate schedule
+    Rule(('min_lr',), lambda v, args: v <= args.lr, lambda v, args: f'must be <= --lr {args.lr}: the schedule '
+         f'decays from --lr down to --min-lr', lambda args: getattr(args, 'lr', None) is not None, uses_args=True),
+    Rule(('lr_noise',), lambda v: len(v) in (1, 2) and all(0 <= n <= 1 for n in v) and (len(v) == 1 or v[0] < v[1]),
+         'must be 1 or 2 fractions of the schedule in [0, 1]: noise on [and off], on < off'),
+    Rule(('lr_noise_pct',), _fraction, 'must be in (0, 1] (a larger limit could make the lr negative)'),
+    Rule(('lr_noise_std', 'lr_cycle_mul', 'lr_k_decay', 'decay_epochs'), _above_zero, 'must be > 0'),
+    Rule(('lr_cycle_decay',), _probability, 'must be in [0, 1] (lr factor per cycle)'),
+    # (> 1 is left to the user with step / multistep: timm then grows the lr, which the divergence tests use)
+    Rule(('decay_rate',), _above_zero, 'must be > 0'),
+    Rule(('decay_rate',), lambda v: v < 1, 'must be < 1 with --sched plateau (torch: factor < 1)',
+         lambda args: args.sched == 'plateau'),
+    # run names and files
     Rule(('experiment',), lambda v: _single_path_component(v),
          "must be one folder name inside --output (no '/', '..' or absolute path)"),
+    Rule(('experiment',), _experiment_fits, lambda v, args: f'is {len(os.fsencode(v))} bytes, longer than the '
+         f'{name_max(_output_root(args))} this file system allows for a folder name; choose a shorter --experiment',
+         uses_args=True),
+    Rule(('hub_revision',), lambda v: check_git_revision(v) is None, 'must be a branch name'),
+    Rule(('device_modules',), lambda v: all(_module_exists(m) for m in v), 'must name importable Python modules'),
+    # non-negative amounts and [0, 1] probabilities
     Rule(('workers', 'recovery_interval', 'warmup_epochs', 'cooldown_epochs', 'patience_epochs',
           'mixup_off_epoch', 'epoch_repeats', 'aug_repeats', 'recount', 'tta', 'start_epoch', 'stim_start_epoch',
           'stim_bn_recal', 'loafing_eval', 'train_num_samples', 'val_num_samples', 'mixup', 'cutmix',
-          'weight_decay', 'warmup_lr', 'min_lr', 'lr', 'lr_base', 'clip_grad', 'smoothing', 'aug_splits'),
-         _non_negative, 'must be >= 0'),
+          'weight_decay', 'warmup_lr', 'min_lr', 'lr', 'lr_base', 'clip_grad', 'smoothing', 'aug_splits',
+          'color_jitter'), _non_negative, 'must be >= 0'),
     Rule(('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob', 'drop', 'drop_path', 'drop_block',
           'drop_connect', 'color_jitter_prob', 'grayscale_prob', 'gaussian_blur_prob', 'model_ema_decay',
-          'crop_pct', 'layer_decay', 'layer_decay_min_scale'), _probability, 'must be in [0, 1]'),
+          'layer_decay', 'layer_decay_min_scale', 'bn_momentum'), _probability, 'must be in [0, 1]'),
+    Rule(('crop_pct',), _fraction, 'must be in (0, 1] (the eval centre crop as a fraction of the resized image)'),
+    Rule(('clip_grad',), _above_zero, 'must be > 0 (0 would zero every gradient; leave it out for no clipping)'),
+    Rule(('bn_eps',), _above_zero, 'must be > 0'),
+    Rule(('recount',), _positive, 'must be >= 1 with --reprob > 0', lambda args: args.reprob > 0),
     Rule(('smoothing',), lambda v: v < 1.0, 'must be < 1'),
+    Rule(('bce_target_thresh',), lambda v: 0 <= v < 1, 'must be in [0, 1) (targets are in [0, 1])'),
+    Rule(('bce_pos_weight',), _above_zero, 'must be > 0'),
+    # crops and augmentation
     Rule(('scale', 'ratio'), lambda v: len(v) == 2 and v[0] <= v[1], 'must be two numbers, low high'),
+    Rule(('scale',), lambda v: v[0] > 0, 'must be > 0 (fractions of the image area)'),
+    Rule(('ratio',), lambda v: v[0] > 0, 'must be > 0 (aspect ratios, width / height)'),
+    Rule(('scale',), lambda v: v[1] <= 1, "must be <= 1 with the random-resized crop (--train-crop-mode rrc, the "
+         "default): a crop larger than the image cannot be cut, and timm would silently fall back to the whole "
+         "image; rkrc / rkrr take scales above 1", lambda args: (args.train_crop_mode or 'rrc') == 'rrc'),
+    Rule(('cutmix_minmax',), lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 1,
+         'must be two fractions of the image side, 0 <= min < max <= 1'),
+    Rule(('interpolation',), lambda v: not v or check_interpolation(v, '--interpolation') is None, ''),
+    Rule(('train_interpolation',),
+         lambda v: not v or check_interpolation(v, '--train-interpolation', allow_random=True) is None, ''),
+    Rule(('train_crop_mode',), _in('', 'rrc', 'rkrc', 'rkrr'),
+         "must be 'rrc' (random-resized crop), 'rkrc' or 'rkrr' (random resize keeping the ratio, then a centre / "
+         "random crop)"),
+    Rule(('aa',), lambda v: aa_policy_error(v) is None, lambda v, args: aa_policy_error(v)),
+    Rule(('input_img_mode',), _pil_mode, 'must be a PIL image mode such as RGB, L or RGBA'),
+    # strings with a fixed vocabulary
+    Rule(('fuser',), _in('', 'te', 'old', 'nvfuser'), "must be 'te', 'old', 'nvfuser' or '' (timm's set_jit_fuser)"),
+    Rule(('torchcompile',), lambda v: v in _compile_backends(),
+         lambda v, args: f"must be a torch.compile backend: {', '.join(_compile_backends(all_tags=False))}, or "
+                         f"one of torch._dynamo.list_backends(exclude_tags=())",
+         lambda args: not getattr(args, 'device_modules', None)),
+    Rule(('torchcompile_mode',), lambda v: _compile_modes() is None or v in _compile_modes(),
+         lambda v, args: f"must be a torch.compile mode: {', '.join(_compile_modes() or [])}",
+         lambda args: getattr(args, 'torchcompile', None) in (None, 'inductor')),
     Rule(('lr_base_scale',), _in('', 'linear', 'sqrt'), "must be 'linear', 'sqrt' or '' (by optimizer)"),
     Rule(('clip_mode',), _in('norm', 'value', 'agc'), "must be 'norm', 'value' or 'agc'"),
     Rule(('dist_bn',), _in('', 'broadcast', 'reduce'), "must be 'broadcast', 'reduce' or ''"),
@@ -411,18 +739,25 @@ RULES = [
          '(the built-in digits recipe sets it)', lambda args: getattr(args, 'sched', '') == 'plateau'),
     Rule(('decay_milestones',), lambda v: list(v) == sorted(v) and all(m >= 0 for m in v),
          'must be increasing epochs >= 0'),
+    Rule(('model_kwargs',), _model_kwargs_ok, '', uses_args=True),
+    # timm's scheduled-resolution and NaFlex loaders
     Rule(('train_img_sizes',), lambda v: all(n >= _MIN_IMG_SIZE for n in v), f'must all be >= {_MIN_IMG_SIZE}'),
+    Rule(_SIZE_LISTS, lambda v: all(n <= MAX_IMG_SIZE for n in v), f'must all be <= {MAX_IMG_SIZE} px'),
     Rule(('train_batch_sizes', 'naflex_train_seq_lens', 'naflex_patch_sizes'), lambda v: all(n >= 1 for n in v),
          'must all be >= 1'),
+    Rule(('train_batch_sizes',), lambda v: all(n <= MAX_BATCH_SIZE for n in v), f'must all be <= {MAX_BATCH_SIZE}'),
     Rule(('train_size_probs', 'naflex_patch_size_probs'), lambda v: all(p >= 0 for p in v) and sum(v) > 0,
          'must be weights >= 0 with a positive sum'),
     Rule(('train_batches_per_epoch', 'naflex_max_seq_len'), _positive, 'must be >= 1'),
     Rule(('train_size_random_mix',), _probability, 'must be in [0, 1]'),
     Rule(('train_size_schedule_spread', 'kd_temperature'), lambda v: v > 0, 'must be > 0'),
     Rule(('distill_loss_weight', 'task_loss_weight'), _non_negative, 'must be >= 0'),
+    # Stimulative Training
     Rule(('stim_min_scale',), lambda v: 0.0 < v <= 1.0, 'must be in (0, 1]; 1 turns smaller subnet inputs off',
          _stim_on),
     Rule(('stim_subnets',), _positive, 'must be >= 1; --stim none trains plainly', _stim_on),
+    Rule(('stim_subnets',), lambda v: v <= _MAX_SUBNETS,
+         f'must be <= {_MAX_SUBNETS} subnets per step (each is one more forward and backward pass)', _stim_on),
     Rule(('stim_weight', 'stim_temperature', 'stim_amplitude'), lambda v: v > 0, 'must be > 0', _stim_on),
     Rule(('stim_sizes',), lambda v: all(n >= _MIN_IMG_SIZE for n in v), f'must all be >= {_MIN_IMG_SIZE}', _stim_on),
 ]
@@ -438,8 +773,17 @@ ST_INCOMPATIBLE = {
 }
 
 
+_FLAG_NAMES: Dict[str, str] = {}
+
+
 def _flag(dest: str) -> str:
-    return '--' + dest.replace('_', '-')
+    """The flag as the user types it: the parser's long option for `dest` (--local_rank keeps its '_')."""
+    if not _FLAG_NAMES:
+        for action in build_parser()._actions:
+            longs = [o for o in action.option_strings if o.startswith('--')]
+            if longs:
+                _FLAG_NAMES[action.dest] = longs[0]
+    return _FLAG_NAMES.get(dest, '--' + dest.replace('_', '-'))
 
 
 def _known_optimizer(name: str) -> bool:
@@ -518,6 +862,32 @@ def _type_errors(args: argparse.Namespace, parser: argparse.ArgumentParser):
             yield f'{_flag(action.dest)}: {value!r} is not one of {list(action.choices)}'
 
 
+def _rule_error(rule: Rule, args: argparse.Namespace) -> Optional[str]:
+    """The one-line message of the first of `rule.dests` whose value breaks `rule`, or None."""
+    try:
+        if not rule.applies(args):
+            return None
+    except Exception:  # noqa: BLE001: a condition on another flag that is itself malformed (checked by its rule)
+        return None
+    for dest in rule.dests:
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        try:
+            good = rule.ok(value, args) if rule.uses_args else rule.ok(value)
+        except UsageError as e:  # the check names the problem itself
+            return str(e)
+        except Exception:  # noqa: BLE001: a value of a shape the check cannot even read
+            good = False
+        if not good:
+            try:
+                need = rule.need(value, args) if callable(rule.need) else rule.need
+            except Exception:  # noqa: BLE001
+                need = 'is out of range'
+            return f'{_flag(dest)} {need} (got {short_value(value)})'
+    return None
+
+
 def check_args(args: argparse.Namespace, rules: Sequence[Rule] = RULES) -> None:
     """Every option's type and range, and combinations that cannot work; raises ArgsError on the first problem.
 
@@ -528,13 +898,10 @@ def check_args(args: argparse.Namespace, rules: Sequence[Rule] = RULES) -> None:
         raise ArgsError(message + (f' in config {args.config}' if getattr(args, 'config', '') else ''))
     for message in _non_finite(args, parser):
         raise ArgsError(message)
-    for rule in rules:
-        if not rule.applies(args):
-            continue
-        for dest in rule.dests:
-            value = getattr(args, dest, None)
-            if value is not None and not rule.ok(value):
-                raise ArgsError(f'{_flag(dest)} {rule.need} (got {value})')
+    for rule in sorted(rules, key=lambda r: r.uses_args):  # each flag's own range before combinations of flags
+        message = _rule_error(rule, args)
+        if message:
+            raise ArgsError(message)
     if _stim_on(args):
         for dest, why in ST_INCOMPATIBLE.items():
             if getattr(args, dest):

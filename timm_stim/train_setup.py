@@ -6,25 +6,30 @@ train_stim.py calls them in timm's order, which keeps `--stim none` drawing the 
 """
 import importlib
 import logging
-from contextlib import nullcontext
+import os
+import random
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 import timm
 from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_loader, create_naflex_loader
-from timm.layers import convert_splitbn_model, set_fast_norm
+from timm.data.scheduled_sampler import ScheduledTransformDataset
+from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
 from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import NativeScaler, init_distributed_device, set_jit_fuser
 
-from .checkpoint import check_model_name
-from .cli import UsageError, one_line
+from .checkpoint import (check_model_name, clean_state_dict, first_non_finite, load_state_dict_strict, read_checkpoint,
+                         select_state_dict)
+from .cli import UsageError, one_line, setup_step
 from .data import DIGITS_INFO, create_dataset_or_digits, fixed_subset, is_digits
 from .distill import create_distillation_loss, optimizer_module
 from .sizes import smaller_input_kwargs
@@ -34,23 +39,57 @@ from .task import StimulativeTask
 _logger = logging.getLogger(__name__)
 
 
-def init_runtime(args) -> Tuple[torch.device, Optional[torch.dtype]]:
-    """Import --device-modules, join torchrun's process group, quiet ranks > 0, set --fuser / --fast-norm.
+SINGLE_RANK_DDP_ENV = 'TIMM_STIM_SINGLE_RANK_DDP'
 
+
+def init_runtime(args) -> Tuple[torch.device, Optional[torch.dtype]]:
+    """Import --device-modules, set timm's CUDA speed flags, join torchrun's process group, quiet ranks > 0, set
+    --fuser / --fast-norm.
+
+    As timm's train.py: with CUDA available, cudnn.benchmark (autotune each new conv shape once) and TF32
+    matmuls. timm only joins a process group for more than one process; with TIMM_STIM_SINGLE_RANK_DDP=1 under
+    `torchrun --nproc_per_node=1` a 1-process group is joined too, so one device runs the DDP code paths.
     Returns (device, --model-dtype as a torch dtype or None).
     """
     for module in args.device_modules or []:  # e.g. a backend that registers a device type
         importlib.import_module(module)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     device = init_distributed_device(args)
+    if not args.distributed and os.environ.get(SINGLE_RANK_DDP_ENV) == '1':
+        device = _join_single_rank_group(args, device)
     if args.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     _logger.info(f'Distributed: {args.world_size} processes, this is rank {args.rank} on {device}'
                  if args.distributed else f'Training with a single process on {device}')
+    if device.type == 'cuda':
+        _logger.info('CUDA: cudnn.benchmark on, TF32 matmuls (as timm train.py); cuDNN autotunes every new input '
+                     'shape once, so the first steps (and each new ST++ subnet size) run slower')
     if args.fuser:
         set_jit_fuser(args.fuser)
     if args.fast_norm:
         set_fast_norm()
     return device, getattr(torch, args.model_dtype) if args.model_dtype else None
+
+
+def _join_single_rank_group(args, device: torch.device) -> torch.device:
+    """TIMM_STIM_SINGLE_RANK_DDP=1: a process group of one (NCCL on CUDA, else gloo) from torchrun's environment,
+    and args set as timm sets them for a distributed run, so DDP wraps the model on a single device."""
+    missing = [k for k in ('MASTER_ADDR', 'MASTER_PORT') if k not in os.environ]
+    if missing or os.environ.get('WORLD_SIZE', '1') != '1':
+        raise UsageError(f'{SINGLE_RANK_DDP_ENV}=1 needs a one-process launch with MASTER_ADDR and MASTER_PORT set '
+                         f'(torchrun --nproc_per_node=1 sets them); missing: {", ".join(missing) or "none"}, '
+                         f'WORLD_SIZE={os.environ.get("WORLD_SIZE")}')
+    backend = 'nccl' if device.type == 'cuda' else 'gloo'
+    torch.distributed.init_process_group(backend=backend, init_method='env://', world_size=1, rank=0)
+    args.distributed, args.world_size, args.rank = True, 1, 0
+    args.local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    if device.type == 'cuda':  # DDP's device_ids need the index, as timm's distributed path sets it
+        device = torch.device('cuda', args.local_rank)
+        torch.cuda.set_device(device)
+        args.device = str(device)
+    return device
 
 
 def apply_digits_defaults(args, recipe: str) -> None:
@@ -97,8 +136,12 @@ def create_stim_options(args):
     return config
 
 
-def create_model(args, stim_config) -> nn.Module:
-    """timm.create_model, plus the kwargs a ViT needs for smaller subnet inputs (kept in args.model_kwargs)."""
+def create_model(args, stim_config, finetune=None) -> nn.Module:
+    """timm.create_model, plus the kwargs a ViT needs for smaller subnet inputs (kept in args.model_kwargs).
+
+    Weights from elsewhere: `finetune` (timm_stim.finetune: the source's weights, its classifier kept when the
+    class count is the same), --pretrained-path (with --pretrained) and --initial-checkpoint, all read safely.
+    """
     name = args.model
     if not name.startswith(('hf-hub:', 'local-dir:')):
         try:
@@ -111,18 +154,34 @@ def create_model(args, stim_config) -> nn.Module:
         for key, value in smaller_input_kwargs(name).items():
             kwargs.setdefault(key, value)
     args.model_kwargs = kwargs  # recorded in args.yaml, checkpoints and the Hub export's model_args
-    factory = {}  # --pretrained-path: a local weights file instead of the model's default source, head adapted
-    if args.pretrained_path:
-        factory['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
+    # weights handed to timm, which re-initialises the classifier when their class count (-1: always) differs
+    factory, pretrained, source = {}, None, None
+    if finetune is not None and finetune.state_dict is not None:
+        pretrained, source = finetune.state_dict, f'--finetune {finetune.source}'
+        factory['pretrained_cfg_overlay'] = dict(state_dict=pretrained, num_classes=finetune.source_classes or -1)
+        args.pretrained = True
+    elif args.pretrained_path:
+        source = f'--pretrained-path {args.pretrained_path}'
+        pretrained = read_weights(args.pretrained_path, '--pretrained-path')
+        factory['pretrained_cfg_overlay'] = dict(state_dict=pretrained, num_classes=-1)
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
-    try:  # timm.create_model drops the None ones, so a model that does not take e.g. bn_eps still builds
+    given = flags_in_use(args, MODEL_FLAGS)
+    with setup_step(f'cannot build --model {name}' + (f' with {given}' if given else ''),
+                    'check the model\'s arguments (timm.create_model) and these flags'):
+        # timm.create_model drops the None ones, so a model that does not take e.g. bn_eps still builds
         model = timm.create_model(
             name, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
             drop_rate=args.drop, drop_path_rate=args.drop_path, drop_block_rate=args.drop_block,
             global_pool=args.gp, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, scriptable=args.torchscript,
-            checkpoint_path=args.initial_checkpoint, **factory, **kwargs)
-    except TypeError as e:
-        raise UsageError(f'cannot create {name} with {kwargs}: {e}') from None
+            **factory, **kwargs)
+    if pretrained is not None:
+        for cfg in (getattr(model, 'pretrained_cfg', None), getattr(model, 'default_cfg', None)):
+            if isinstance(cfg, dict):  # the weights themselves are not part of the model's config
+                cfg.pop('state_dict', None)
+        if args.pretrained:  # timm loads them non-strictly (head dropped): another architecture would load nothing
+            check_weights_fit(model, pretrained, source)
+    if args.initial_checkpoint:  # timm's load_checkpoint: the EMA weights when the checkpoint has them, strict
+        load_initial_weights(model, args.initial_checkpoint)
     if args.naflex_loader and not hasattr(model, 'get_patch_size'):  # it would fail on the first patch batch
         raise UsageError(f'--naflex-loader needs a NaFlex model that takes patch sequences (get_patch_size(), e.g. '
                          f'naflexvit_base_patch16_gap); {name} takes images: drop --naflex-loader')
@@ -139,8 +198,108 @@ def create_model(args, stim_config) -> nn.Module:
     return model
 
 
+MODEL_FLAGS = ('pretrained', 'pretrained_path', 'initial_checkpoint', 'model_kwargs', 'num_classes', 'in_chans',
+               'input_size', 'gp', 'drop', 'drop_path', 'drop_block', 'bn_momentum', 'bn_eps', 'torchscript')
+
+
+def flags_in_use(args, dests) -> str:
+    """The flags among `dests` the user set (not at their defaults), as `--flag value` text: it names what a failed
+    set-up step read, so its one-line error points at the input rather than at library internals."""
+    from .train_args import build_parser
+    defaults = vars(build_parser().parse_args([]))
+    shown = []
+    for dest in dests:
+        value = getattr(args, dest, None)
+        if value not in (None, False, '', [], {}) and value != defaults.get(dest):
+            text = ' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            shown.append(f"--{dest.replace('_', '-')}" + ('' if value is True else f' {text}'))
+    return ', '.join(shown)
+
+
+def read_weights(path: str, flag: str) -> dict:
+    """Model weights from a checkpoint file (timm's choice: the EMA weights when it holds them), read as --resume
+    reads (weights only, no code), finite; any problem is one UsageError naming `flag`."""
+    try:
+        checkpoint = read_checkpoint(path)
+        state_dict, _ = select_state_dict(checkpoint, use_ema=isinstance(checkpoint, dict) and any(
+            isinstance(checkpoint.get(k), dict) for k in ('state_dict_ema', 'model_ema')), path=path)
+    except (ValueError, OSError) as e:
+        raise UsageError(f'{flag}: {one_line(e)}') from None
+    state_dict = clean_state_dict(state_dict)
+    bad = first_non_finite(state_dict)
+    if bad is not None:
+        raise UsageError(f'{flag} {path}: weight {bad} is NaN or infinite; pass a checkpoint of a finite model')
+    return state_dict
+
+
+def check_weights_fit(model: nn.Module, state_dict: dict, source: str) -> None:
+    """Weights handed to timm (`source`: '--pretrained-path FILE', '--finetune SOURCE'): every tensor of the model
+    but its classifier there by name and shape, and nothing else; timm's head-adapting load is not strict, so
+    another architecture would silently keep random weights (or load a larger sibling's first blocks)."""
+    head = getattr(model, 'pretrained_cfg', {}).get('classifier') or ()
+    head = (head,) if isinstance(head, str) else tuple(head)
+    body = lambda key: not any(key == h or key.startswith(h + '.') for h in head)  # noqa: E731
+    expected = {k: v for k, v in model.state_dict().items() if body(k)}
+    missing = [k for k, v in expected.items() if k not in state_dict or tuple(state_dict[k].shape) != tuple(v.shape)]
+    unexpected = [k for k in state_dict if body(k) and k not in expected]
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise UsageError(f'{source}: holds another architecture than {type(model).__name__} '
+                         f'({len(missing)} of its {len(expected)} weights missing or of another shape, '
+                         f'{len(unexpected)} unexpected, e.g. {first}); pass weights of --model, or the right --model')
+
+
+def load_initial_weights(model: nn.Module, path: str) -> None:
+    """--initial-checkpoint: the checkpoint's weights into `model`, every key and shape matching (timm's strict
+    load); another architecture or class count is one UsageError saying which keys differ."""
+    state_dict = read_weights(path, '--initial-checkpoint')
+    try:
+        load_state_dict_strict(model, state_dict, path)
+    except ValueError as e:
+        raise UsageError(f'--initial-checkpoint: {one_line(e)}') from None
+
+
+def check_transforms(loaders) -> None:
+    """One image through the training and the evaluation transforms (augmentation policy, interpolation, crop), so
+    a transform that cannot run is bad input now, not an error in the first epoch. Every RNG is restored after, so
+    `--stim none` still draws exactly timm's random numbers."""
+    for name, loader in (('training', loaders.train), ('validation', loaders.eval)):
+        dataset = getattr(loader, 'dataset', None)
+        if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) \
+                or not hasattr(dataset, '__len__') or len(dataset) == 0:
+            continue
+        # timm's scheduled resolutions: one transform per size, chosen by a (sample, transform) index
+        transforms = getattr(dataset, 'transforms', None) if isinstance(dataset, ScheduledTransformDataset) else None
+        indices = [(0, i) for i in range(len(transforms))] if transforms is not None else [0]
+        with preserved_rng(), setup_step(f'the {name} transforms cannot process an image',
+                                         'check --aa, --interpolation, --train-interpolation, --crop-pct, --scale, '
+                                         '--ratio, --color-jitter and the other augmentation flags'):
+            for index in indices:
+                dataset[index]
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block that may draw random numbers (an augmentation, a loader's seed) without changing what the run
+    draws afterwards: the torch (CPU), python and numpy generator states are put back."""
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
+
+
 def prepare_model(model: nn.Module, args, device, model_dtype=None) -> nn.Module:
-    """timm's model conversions, in timm's order: split BN, device and dtype, channels-last, sync BN, TorchScript."""
+    """timm's model conversions, in timm's order: split BN, device and dtype, channels-last, sync BN, TorchScript.
+
+    --sync-bn uses timm's converter, which keeps the activation and drop of timm's fused BatchNormAct layers
+    (torch's turns them into plain SyncBatchNorm and drops both).
+    """
+    if args.sync_bn and args.stim != 'none' and args.stim_per_rank:
+        raise UsageError('--sync-bn with --stim-per-rank: every rank would run a different subnet, so their '
+                         'SyncBatchNorm collectives would not match; drop one of the two')
     if args.split_bn:  # BatchNorm per augmentation split (plain training only, checked in train_args)
         model = convert_splitbn_model(model, max(args.aug_splits, 2))
     model.to(device=device, dtype=model_dtype)
@@ -148,7 +307,7 @@ def prepare_model(model: nn.Module, args, device, model_dtype=None) -> nn.Module
         model.to(memory_format=torch.channels_last)
     if args.sync_bn and args.distributed:
         args.dist_bn = ''  # synchronized statistics need no averaging after the epoch
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model)
     if args.torchscript:
         model = torch.jit.script(model)
     return model

@@ -56,7 +56,9 @@ def run_script_loop(bench, rounds: int = 6) -> Dict[str, Any]:
     progress_bar, train_stim._progress_bar = train_stim._progress_bar, lambda *args, **kwargs: None  # timing only
     try:
         epochs = {'script': script_epoch, 'minimal': minimal_epoch}
-        for fn in epochs.values():  # warm-up (compile, cudnn autotuning, allocator)
+        # warm-up: each side's compile and allocator growth. cuDNN autotuning of every ST++ size ran before, on
+        # CUDA (step_cost.py's pre-warm), so the side that meets a size first does not pay it alone
+        for fn in epochs.values():
             fn()
         per_step = {k: [] for k in epochs}
         for r in range(rounds):
