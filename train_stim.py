@@ -38,6 +38,7 @@ from timm.utils import AverageMeter, accuracy, dispatch_clip_grad, distribute_bn
 from timm_stim import parse_space, recalibrate_bn
 from timm_stim.cli import UsageError, one_line, report_error, setup_step
 from timm_stim.data import DataConfigError, is_digits
+from timm_stim.export import check_export_spec
 from timm_stim.finetune import measure_subnets, prepare_finetune
 from timm_stim.hub import HubPushError
 from timm_stim.run_exports import export_run, plain_copy
@@ -165,8 +166,7 @@ def train(args) -> int:
         if args.export_subnets:  # the spec against this model's real layout: refused now, not after training
             with setup_step(f'--export-subnets {args.export_subnets} does not fit --model {args.model}',
                             'give depths, keep-masks or pareto:N of this model\'s residual blocks'):
-                from timm_stim.export import check_export_spec
-                check_export_spec(model, args.export_subnets)
+                check_export_spec(model, args.export_subnets, data_config['input_size'], args.model_kwargs)
         amp_autocast, loss_scaler = create_amp(args, device, model_dtype)
         with setup_step('cannot read the data', 'check --data-dir, --dataset and the split flags'):
             datasets = create_datasets(args, data_config)

@@ -18,6 +18,13 @@ issue's goals), .csv (every subnet of every run) and .png.
 
     python experiments/finetune_digits.py                    # ResNet-18, seeds 0-2, N = 10, k in {1, 2}
     python experiments/finetune_digits.py --report-only      # rewrite docs/results from finished runs
+    # ResNet-18 with headroom (N = 4, k = 1) and a small ViT (tables folded into docs/results/finetune_digits.md):
+    python experiments/finetune_digits.py --epochs 4 --ks 1 --lr-factors 0.3 --stpp --name finetune_digits_n4 \
+        --work-dir output/finetune_digits_n4 --results-dir output/finetune_digits_n4/report
+    python experiments/finetune_digits.py --model vit_tiny_patch16_224 --model-kwargs img_size=32 patch_size=4 \
+        depth=6 embed_dim=96 num_heads=3 --train-flags "--opt adamw --lr 0.001 --warmup-lr 0.00001 \
+        --weight-decay 0.05" --ks 2 --lr-factors 0.1 0.3 --display "ViT (6 blocks, width 96, patch 4)" \
+        --name finetune_digits_vit --work-dir output/finetune_digits_vit --results-dir output/finetune_digits_vit/report
     python experiments/finetune_digits.py --seeds 0 --epochs 2 --ks 1 --work-dir /tmp/ft --results-dir /tmp/ft
 
 Finished trainings (summary.csv with every epoch and last.pth.tar present) are not retrained, so an interrupted
@@ -369,7 +376,8 @@ def write_results(args: argparse.Namespace, timings: Dict[str, float], wall: flo
 
 Can a plain model that is already trained be made elastic (good residual subnets) by a short ST fine-tune, and
 how does that compare with a plain fine-tune of the same length and with ST from scratch? Issue 21's evidence
-experiment; measured with `timm_stim.loafing`.
+experiment; measured with `timm_stim.loafing`. Hand-written sections after the command (other settings, the
+goals in plain words, the recommended defaults) follow the generated tables.
 
 ## Setup
 - Data: the embedded scikit-learn digits (1438 train / 359 validation images, 8x8 upsampled to 32 px,

@@ -47,6 +47,7 @@ FAMILIES = [
     pytest.param('resnet50', {}, 32, 'layers', id='resnet50', marks=pytest.mark.slow),
     pytest.param('seresnext26d_32x4d', {}, 32, 'layers', id='seresnext', marks=pytest.mark.slow),
     pytest.param('vit_tiny_patch16_224', dict(img_size=32, depth=4), 32, 'depth', id='vit'),
+    pytest.param('deit_tiny_distilled_patch16_224', dict(img_size=32, depth=4), 32, 'depth', id='deit-distilled'),
     pytest.param('cait_xxs24_224', dict(img_size=32, patch_size=8, depth=4), 32, 'depth', id='cait'),
     pytest.param('convnext_atto', {}, 64, 'depths', id='convnext'),
     pytest.param('hiera_tiny_224', dict(img_size=64), 64, 'stages', id='hiera', marks=pytest.mark.slow),  # one list

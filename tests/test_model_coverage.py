@@ -361,9 +361,10 @@ enough. Per case:
   `forward_head` is a block.
 - A refusal says what was found: ResNeSt-14 has 4 blocks, one per stage, each with a projection shortcut, so
   nothing can be skipped; a deeper variant can.
-- Subnet input sizes: every size the size sampler could draw is run once at set-up (shapes only, on the meta
-  device, or a batch-of-one forward where that is cheaper); only the sizes that work are drawn, and the run is
-  refused when no size below the training size works.
+- Subnet input sizes: every size the size sampler could draw is tried once at set-up (shapes only, on the meta
+  device, each module once per distinct input shape, checked by one real forward; real batch-of-one forwards for
+  models that cannot run on meta tensors or keep state between calls); only the sizes that work are drawn, and
+  the run is refused when no size below the training size works.
 '''
 
 

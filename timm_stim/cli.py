@@ -317,26 +317,21 @@ def data_config_overrides(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 @contextlib.contextmanager
-def setup_step(what: str, hint: str = 'check these flags') -> Iterator[None]:
+def setup_step(what: str, hint: str = 'check these flags',
+               keep: Tuple[type, ...] = (UsageError,)) -> Iterator[None]:
     """Any failure while building `what` from user input is bad input: a one-line UsageError (exit code 2) naming
     it, raised before anything is written. `what` names the flags or files the step reads, e.g.
-    '--model resnet18 (--gp bogus)'. Usage errors of the step itself pass through unchanged."""
+    '--model resnet18 (--gp bogus)'. Errors of the classes in `keep` (the step's own one-line errors) pass through
+    unchanged."""
     try:
         yield
-    except UsageError:
+    except keep:
         raise
     except Exception as e:  # noqa: BLE001: set-up only reads input; any failure there is the input's
         raise UsageError(f'{what}: {type(e).__name__}: {one_line(e)[:300]}; {hint}') from None
 
 
-@contextlib.contextmanager
-def input_step(what: str, hint: str) -> Iterator[None]:
-    """Like `setup_step` for the evaluation CLIs, whose loaders already raise one-line ValueError / OSError
-    messages: those pass through unchanged; any other failure (an AssertionError or TypeError deep in timm while
-    building a model from --model-kwargs, say) becomes a one-line UsageError naming `what`, never a traceback."""
-    try:
-        yield
-    except (UsageError, ValueError, OSError):
-        raise
-    except Exception as e:  # noqa: BLE001: this step only reads input
-        raise UsageError(f'{what}: {type(e).__name__}: {one_line(e)[:300]}; {hint}') from None
+def input_step(what: str, hint: str):
+    """setup_step for the evaluation CLIs, whose loaders already raise one-line ValueError / OSError messages:
+    those pass through unchanged; anything else (an AssertionError deep in timm, say) becomes a UsageError."""
+    return setup_step(what, hint, keep=(UsageError, ValueError, OSError))

@@ -33,16 +33,16 @@ _logger = logging.getLogger(__name__)
 # Measured on the digits (docs/results/finetune_digits.md); the numbers behind each choice are in the README's
 # "Make your trained model elastic" section.
 FINETUNE_DEFAULTS: Dict[str, Any] = dict(
-    stim='st',                   # ST's uniform depth sampling; ST++ only with raw main logits (see the report)
-    stim_main_logits='raw',      # the standardised main loss loses the full network on short schedules
+    stim='st',                   # ST's uniform depth sampling: the largest subnet gain per fine-tune epoch measured
+    stim_main_logits='raw',      # timm's loss on the full network (ST++'s standardised one: 64 px / 3 ep collapse)
     stim_min_scale=1.0,          # smaller subnet inputs off: the trained model keeps its input size
     stim_bn='freeze',            # subnet passes leave the BN running statistics to the full network
     warmup_epochs=0,             # the weights are trained already: no warm-up from zero
     loafing_eval=16,             # subnets measured before and after (the same set)
     export_subnets='pareto:3',   # the deployable family at the end
 )
-FINETUNE_LR_FACTOR = 0.1         # lr = this x the lr the recipe would train from scratch with
-FINETUNE_EPOCH_FRACTION = 0.25   # epochs = this x the source run's epochs, when its args.yaml says how many
+FINETUNE_LR_FACTOR = 0.3         # lr = this x the lr the recipe would train from scratch with
+FINETUNE_EPOCH_FRACTION = 0.2    # epochs = this x the source run's epochs, when its args.yaml says how many
 FINETUNE_EPOCHS_UNKNOWN = 5      # epochs when the source does not say (timm tags, bare checkpoints, Hub models)
 BN_RECAL_IMAGES = 500            # training images per subnet BN re-estimation in the before/after tables
 
@@ -128,9 +128,10 @@ def prepare_finetune(args) -> Optional[Finetune]:
         else:
             args.epochs, why = FINETUNE_EPOCHS_UNKNOWN, 'the source does not say how long it trained'
         finetune.chosen.append(('epochs', args.epochs, why))
-    if not _given(args, 'lr') and not _given(args, 'lr_base'):
-        args.lr_base = args.lr_base * FINETUNE_LR_FACTOR  # scaled to the batch as usual (resolve_lr)
-        finetune.chosen.append(('lr_base', args.lr_base, f'{FINETUNE_LR_FACTOR:g} x the from-scratch --lr-base'))
+    if not _given(args, 'lr') and not _given(args, 'lr_base'):  # a recipe's lr, else --lr-base (batch-scaled)
+        dest = 'lr' if args.lr else 'lr_base'
+        setattr(args, dest, getattr(args, dest) * FINETUNE_LR_FACTOR)
+        finetune.chosen.append((dest, getattr(args, dest), f'{FINETUNE_LR_FACTOR:g} x the from-scratch value'))
     return finetune
 
 

@@ -12,8 +12,10 @@ def standardize_logits(logits: torch.Tensor, amplitude: float = 1.0, eps: float 
     """phi(v) = A * (v - mean(v)) / sqrt(var(v) + eps) over the class dimension (population variance).
 
     Invariant to adding a constant and to a positive scale; keeps the argmax. Uses the real class count
-    (the last dimension), not a hard-coded 1000.
+    (the last dimension), not a hard-coded 1000. Computed in float32: under bf16 / fp16 autocast the 1 / std
+    factor of nearly flat logits overflows or rounds to NaN.
     """
+    logits = logits.float()
     mean = logits.mean(dim=-1, keepdim=True)
     var = logits.var(dim=-1, keepdim=True, unbiased=False)
     return amplitude * (logits - mean) * torch.rsqrt(var + eps)

@@ -385,7 +385,8 @@ def probe_input_sizes(
                     real_first = _real_failures(model, sizes[-1:], in_chans)
                     real_cost = time.perf_counter() - start
                 _logger.debug("size probe: first meta %.3f s, real %.3f s", meta_cost, real_cost)
-                use_meta = not failures and not real_first and (real_cost == 0.0 or meta_cost <= real_cost)
+                # meta must win clearly: its memo may not pay off (CrossViT), a real forward costs what it costs
+                use_meta = not failures and not real_first and (real_cost == 0.0 or meta_cost <= real_cost / 2)
                 if use_meta:
                     failures = _meta_failures(model, sizes[::-1], in_chans, ops)
             kept = [s for s in sizes if s not in failures]

@@ -165,11 +165,19 @@ def _is_count(value: Any) -> bool:
 
 
 def _depth_candidates(model: nn.Module, recorded: Dict[str, Any]) -> List[Tuple[str, Any]]:
-    """Constructor parameters that may set block counts, with their default (or recorded) value."""
-    try:
-        params = inspect.signature(type(model).__init__).parameters
-    except (TypeError, ValueError):
-        return []
+    """Constructor parameters that may set block counts, with their default (or recorded) value. A constructor
+    that forwards **kwargs to its base class (DeiT's distilled ViT) also takes the base class's parameters."""
+    params: Dict[str, inspect.Parameter] = {}
+    for cls in type(model).__mro__:
+        if cls is nn.Module or '__init__' not in vars(cls):
+            continue
+        try:
+            own = inspect.signature(cls.__init__).parameters
+        except (TypeError, ValueError):
+            break
+        params.update({k: v for k, v in own.items() if k not in params})
+        if not any(p.kind == p.VAR_KEYWORD for p in own.values()):
+            break
     candidates = []
     for name, param in params.items():
         if not _DEPTH_PARAM.search(name) or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
