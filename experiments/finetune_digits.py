@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / 'experiments'))
 
-from loafing_digits import _mean_std, _pm, _run_job, finished_run  # noqa: E402
+from loafing_digits import _mean_rows, _pm, _run_job, finished_run  # noqa: E402
 
 HAND_MARK = '<!-- hand-written -->'
 
@@ -326,21 +326,6 @@ def reference_table(args: argparse.Namespace, per_run: Dict[str, Dict[str, List[
     return '\n'.join(lines)
 
 
-def _mean_rows(rows: List[Dict[str, Any]], keys: Sequence[str]) -> List[Dict[str, Any]]:
-    """Per run and depth vector, accuracies averaged over seeds (for the plot), for the runs in `keys`."""
-    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
-    for r in rows:
-        if r['run'] in keys:
-            groups.setdefault((r['run'], r['depths']), []).append(r)
-    out = []
-    for (_, _), group in groups.items():
-        mean = dict(group[0], model=f"{group[0]['run']} ({len(group)} seeds)")
-        for key in ('top1', 'top5', 'top1_bnrecal', 'top5_bnrecal'):
-            mean[key] = statistics.fmean(g[key] for g in group)
-        out.append(mean)
-    return out
-
-
 def write_results(args: argparse.Namespace, timings: Dict[str, float], wall: float, command: str) -> str:
     from timm_stim.loafing_report import plot_loafing
     rows, per_run = collect(args)
@@ -355,7 +340,7 @@ def write_results(args: argparse.Namespace, timings: Dict[str, float], wall: flo
     runs = grid(args)
     k_max, lr_hi = max(args.ks), args.short_lr_factor
     plotted = ['base', f'ft-plain-k{k_max}-lr{lr_hi:g}', f'ft-st-k{k_max}-lr{lr_hi:g}', 'scratch-st']
-    plot_loafing(_mean_rows(rows, plotted), results / f'{args.name}.png',
+    plot_loafing(_mean_rows([r for r in rows if r['run'] in plotted], by='run'), results / f'{args.name}.png',
                  title=f'ST as a fine-tune, digits, {display(args)}: every ST subnet, top-1 over {len(args.seeds)} '
                        f'seeds')
     subnets = [r for r in rows if not r['is_full']]

@@ -375,14 +375,14 @@ def space_breakdown(rows: List[Dict[str, Any]], variants: Sequence[str], layout)
     return '\n'.join(lines)
 
 
-def _mean_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Per variant and depth vector, accuracies averaged over seeds (for the plot)."""
+def _mean_rows(rows: List[Dict[str, Any]], by: str = 'variant') -> List[Dict[str, Any]]:
+    """Per `by` (the variant, or a run name) and depth vector, accuracies averaged over seeds (for the plot)."""
     groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r['variant'], r['depths']), []).append(r)
+        groups.setdefault((r[by], r['depths']), []).append(r)
     out = []
-    for (variant, _), group in groups.items():
-        mean = dict(group[0], model=f'{variant} ({len(group)} seeds)')
+    for (name, _), group in groups.items():
+        mean = dict(group[0], model=f'{name} ({len(group)} seeds)')
         for key in ('top1', 'top5', 'top1_bnrecal', 'top5_bnrecal'):
             mean[key] = statistics.fmean(g[key] for g in group)
         out.append(mean)

@@ -91,6 +91,25 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def run_two_ranks(worker: Path, rank_args) -> None:
+    """Run `python worker RANK PORT *rank_args(RANK)` as a 2-process gloo group (one thread each, the repo
+    importable) and assert both ranks exit 0, showing a failing rank's log."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1',
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]))
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(worker), str(r), port, *map(str, rank_args(r))], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = []
+    try:
+        logs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f'rank {r} failed:\n{log[-4000:]}'
+
+
 def _load_worker(path):
     spec = importlib.util.spec_from_file_location('stim_ddp_worker', path)
     module = importlib.util.module_from_spec(spec)
@@ -105,21 +124,7 @@ def ddp_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('ddp')
     worker = tmp / 'stim_ddp_worker.py'
     worker.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1',
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]))
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(worker), str(r), port, str(tmp)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=180)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f'rank {r} failed:\n{log[-4000:]}'
+    run_two_ranks(worker, lambda r: [tmp])
     out = {(r, lean): torch.load(tmp / f'rank{r}_lean{lean}.pt') for r in range(2) for lean in (0, 1)}
     return out, _load_worker(worker)
 

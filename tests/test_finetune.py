@@ -100,3 +100,12 @@ def test_finetune_run_measures_before_and_after_exports_and_pushes(tmp_path):
     assert 'Subnets before and after the fine-tune' in res.stdout
     assert any((run / 'subnets').glob('resnet18-*'))
     assert TOKEN not in res.stdout + res.stderr
+
+
+def test_recipe_lr_is_scaled_when_the_user_gives_none(sources):
+    """The built-in recipe's --lr is not the user's: the fine-tune takes FINETUNE_LR_FACTOR of it."""
+    from timm_stim.finetune import FINETUNE_LR_FACTOR
+    recipe_lr = train_stim.parse_args([]).lr
+    args, finetune = _prepare('--finetune', sources['run'])
+    assert recipe_lr and args.lr == pytest.approx(FINETUNE_LR_FACTOR * recipe_lr)
+    assert ('lr', args.lr) in {(flag, value) for flag, value, _ in finetune.chosen}

@@ -217,3 +217,12 @@ def test_main_logits_flag_sets_the_st_plus_plus_main_loss(flag, standardized):
     config = create_stim_options(args)
     assert config.loss == 'kl-' and config.standardize_main is standardized
     assert args.stim_main_logits == ('standardized' if standardized else 'raw')
+
+
+def test_standardize_logits_runs_in_float32_for_half_precision_inputs():
+    """Nearly flat bf16 logits: the 1/std factor is computed in float32, so the result is finite and equals the
+    float32 computation of the same values."""
+    logits = (torch.full((4, 3), 5.0) + torch.tensor([0.0, 1e-3, -1e-3])).to(torch.bfloat16)
+    out = standardize_logits(logits)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert torch.equal(out, standardize_logits(logits.float()))

@@ -3,10 +3,6 @@ size accepts, on models with irregular size rules; the patch-embedding stride; t
 under torch.distributed."""
 import json
 import logging
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,6 +11,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from test_ddp import run_two_ranks
 from timm_stim import create_stim_config, create_stimulator, smaller_input_kwargs
 from timm_stim.sizes import probe_input_sizes, size_multiple
 
@@ -164,32 +161,13 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_probe_runs_once_under_torch_distributed(tmp_path):
     if not torch.distributed.is_available():
         pytest.skip('torch.distributed is not available')
     worker = tmp_path / 'probe_worker.py'
     worker.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1',
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]))
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(worker), str(r), port, str(tmp_path / f'rank{r}.json')], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    logs = []
-    try:
-        logs = [p.communicate(timeout=180)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f'rank {r} failed:\n{log[-4000:]}'
+    run_two_ranks(worker, lambda r: [tmp_path / f'rank{r}.json'])
     ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(2)]
     assert ranks[0]['sizes'] == ranks[1]['sizes'] == list(range(24, 49))  # rank 0's answer, on both ranks
     assert ranks[1]['heights'] == [48]  # rank 1 ran only block discovery at the training size: no probe

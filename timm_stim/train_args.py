@@ -20,8 +20,8 @@ import yaml
 from timm.utils import ParseKwargs
 
 from .cli import (MAX_BATCH_SIZE, MAX_IMG_SIZE, MAX_SEED, MAX_WORKERS, MIN_IMG_SIZE, OneLineArgumentParser,
-                  UsageError, check_git_revision, check_interpolation, check_model_kwargs, check_output_folder,
-                  name_max, one_line, short_value)
+                  UsageError, check_device, check_git_revision, check_interpolation, check_model_kwargs,
+                  check_output_folder, name_max, one_line, short_value)
 
 __all__ = ['ArgsError', 'build_parser', 'load_config', 'parse_args', 'check_args', 'args_record', 'Rule', 'RULES',
            'RUNTIME_KEYS', 'ST_INCOMPATIBLE', 'MODEL_KWARG_FLAGS', 'aa_policy_error', 'model_kwarg_flag']
@@ -440,13 +440,18 @@ _fraction = lambda v: 0.0 < v <= 1.0  # noqa: E731
 _above_zero = lambda v: v > 0  # noqa: E731
 
 
-def _opt_info(args):
-    """timm's registry entry of --opt ('lookahead_adamw' -> adamw), or None for an unknown name."""
+def _optimizer_info(name: str):
+    """timm's registry entry of an --opt name, or None for an unknown one: timm's optimizer factory reads the part
+    after the last '_' ('lookahead_adamw' -> adamw)."""
     from timm.optim import get_optimizer_info
     try:
-        return get_optimizer_info(str(args.opt).lower().split('_')[-1])
+        return get_optimizer_info(str(name).lower().split('_')[-1])
     except (ValueError, KeyError):
         return None
+
+
+def _opt_info(args):
+    return _optimizer_info(args.opt)
 
 
 def _num_betas(args) -> Optional[int]:
@@ -649,7 +654,7 @@ RULES = [
     Rule(('local_rank',), _non_negative, 'must be >= 0'),
     Rule(('std',), lambda v: all(x > 0 for x in v), 'must be > 0'),
     # optimizer
-    Rule(('opt',), lambda v: _known_optimizer(v), "must be a timm optimizer (timm.optim.list_optimizers(); "
+    Rule(('opt',), lambda v: _optimizer_info(v) is not None, "must be a timm optimizer (timm.optim.list_optimizers(); "
                                                    "'lookahead_' prefix allowed)"),
     Rule(('opt_eps',), _above_zero, 'must be > 0'),
     Rule(('opt_betas',), lambda v: 1 <= len(v) <= 3 and all(0 <= b < 1 for b in v),
@@ -786,16 +791,6 @@ def _flag(dest: str) -> str:
     return _FLAG_NAMES.get(dest, '--' + dest.replace('_', '-'))
 
 
-def _known_optimizer(name: str) -> bool:
-    """timm's optimizer factory reads the part after the last '_' ('lookahead_adamw' -> adamw) from its registry."""
-    from timm.optim import get_optimizer_info
-    try:
-        get_optimizer_info(str(name).lower().split('_')[-1])
-    except (ValueError, KeyError):
-        return False
-    return True
-
-
 def _single_path_component(name: str) -> bool:
     """A run-folder name that stays inside --output: no separator, not '.' / '..', nothing absolute."""
     separators = [s for s in (os.sep, os.altsep, '/') if s]
@@ -814,23 +809,10 @@ def _non_finite(args: argparse.Namespace, parser: argparse.ArgumentParser):
                 break
 
 
-def _device_error(args: argparse.Namespace) -> Optional[str]:
-    """--device names no device this machine has (unless --device-modules registers one)."""
-    if getattr(args, 'device_modules', None):
-        return None
-    try:
-        device = torch.device(args.device)
-    except (RuntimeError, TypeError):
-        return f'--device {args.device!r} is not a torch device; use cpu, cuda, cuda:N or mps'
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        return f'--device {args.device}: no CUDA GPU is visible; use --device cpu'
-    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
-        return f'--device {args.device}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0 .. cuda:N-1'
-    if device.type == 'mps' and not torch.backends.mps.is_available():
-        return f'--device {args.device}: MPS is not available; use --device cpu'
-    return None
-
-
+def _check_device(args: argparse.Namespace) -> None:
+    """--device names a device this machine has (cli.check_device), unless --device-modules registers one."""
+    if not getattr(args, 'device_modules', None):
+        check_device(args.device)
 
 
 def _type_errors(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -941,9 +923,7 @@ def check_args(args: argparse.Namespace, rules: Sequence[Rule] = RULES) -> None:
         value = getattr(args, dest)
         if value is not None and len(value) not in (1, channels):
             raise ArgsError(f'{_flag(dest)} needs 1 value or one per input channel ({channels}) (got {value})')
-    device_error = _device_error(args)
-    if device_error:
-        raise ArgsError(device_error)
+    _check_device(args)
     root = args.output or os.path.join('.', 'output', 'train')
     check_output_folder(os.path.join(root, args.experiment) if args.experiment else root)
 
