@@ -27,7 +27,8 @@ def sources(tmp_path_factory):
     (run / 'args.yaml').write_text(yaml.safe_dump(dict(model='resnet18', num_classes=10, epochs=12, img_size=32,
                                                        mean=[0.3, 0.3, 0.3], std=[0.3, 0.3, 0.3])))
     export = export_timm_model(model, root / 'export', 'resnet18', model_args=dict(num_classes=10))
-    return dict(run=run, ckpt=run / 'last.pth.tar', export=export, weights=model.state_dict())
+    torch.save(model.state_dict(), root / 'bare.pth')  # a checkpoint from elsewhere: no args, no architecture
+    return dict(run=run, ckpt=run / 'last.pth.tar', export=export, weights=model.state_dict(), bare=root / 'bare.pth')
 
 
 def _prepare(*argv):
@@ -35,12 +36,13 @@ def _prepare(*argv):
     return args, prepare_finetune(args)
 
 
-@pytest.mark.parametrize('kind', ['run', 'ckpt', 'export', 'local-dir', 'initial-checkpoint', 'timm-tag'])
+@pytest.mark.parametrize('kind', ['run', 'ckpt', 'bare', 'export', 'local-dir', 'initial-checkpoint', 'timm-tag'])
 def test_every_source_kind_resolves(sources, kind):
     argv = {'run': ['--finetune', sources['run']], 'ckpt': ['--finetune', sources['ckpt']],
             'export': ['--finetune', sources['export']], 'local-dir': ['--finetune', f"local-dir:{sources['export']}"],
             'initial-checkpoint': ['--finetune', '--initial-checkpoint', sources['ckpt']],
-            'timm-tag': ['--finetune', 'resnet18.a1_in1k']}[kind]
+            'timm-tag': ['--finetune', 'resnet18.a1_in1k'],
+            'bare': ['--finetune', sources['bare'], '--model', 'resnet18', '--num-classes', '10']}[kind]
     args, finetune = _prepare(*argv)
     assert finetune is not None and finetune.source
     if kind in ('run', 'ckpt'):  # weights read here (safely), architecture and classes from its args.yaml
@@ -48,6 +50,9 @@ def test_every_source_kind_resolves(sources, kind):
         assert all(torch.equal(v, finetune.state_dict[k]) for k, v in sources['weights'].items())
         assert args.mean == [0.3, 0.3, 0.3]  # the preprocessing it was trained with
         assert args.epochs == math.ceil(FINETUNE_EPOCH_FRACTION * 12)
+    elif kind == 'bare':  # the user's --model / --num-classes name what the file does not
+        assert (args.model, finetune.source_classes) == ('resnet18', 10)
+        assert all(torch.equal(v, finetune.state_dict[k]) for k, v in sources['weights'].items())
     elif kind == 'initial-checkpoint':
         assert finetune.state_dict is None and args.initial_checkpoint == str(sources['ckpt'])
     else:  # timm loads them: an export folder or a timm tag, as pretrained weights

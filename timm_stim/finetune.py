@@ -89,8 +89,9 @@ def _resolve(args, text: str) -> Tuple[Finetune, Optional[ModelSource]]:
                 raise UsageError(f'--finetune {text}: not a file or folder, and {one_line(e)}') from None
         args.model, args.pretrained = text, True
         return Finetune(source=text, label=text.split(':', 1)[-1].rstrip('/').split('/')[-1]), None
-    try:
-        resolved = resolve_model_source(text)
+    try:  # a bare checkpoint names no architecture: the user's --model (and --num-classes) does
+        resolved = resolve_model_source(text, model_name=args.model if _given(args, 'model') else None,
+                                        num_classes=args.num_classes if _given(args, 'num_classes') else None)
     except (ValueError, OSError) as e:
         raise UsageError(f'--finetune {text}: {one_line(e)}') from None
     if resolved.state_dict is None:  # an export folder: timm reads it (local-dir:)
