@@ -324,3 +324,11 @@ def test_size_sampler_resume_checks_sizes():
         SizeSampler(64, 0.75, seed=0).load_state_dict(state)
     with pytest.raises(ValueError, match='saved for subnet sizes'):  # same range, sizes dropped by the set-up probe
         SizeSampler(64, 0.5, sizes=[s for s in range(32, 65) if s % 2 == 0]).load_state_dict(state)
+
+
+def test_a_space_that_drops_nothing_is_not_suggested_again():
+    """resnet10t (one block per stage): 'st' and 'st++' keep every block, so the refusal offers neither."""
+    layout = find_residual_blocks(timm.create_model('resnet10t'), input_size=(3, 32, 32))
+    with pytest.raises(ValueError, match='never drops a block') as refused:
+        SubnetSampler(layout, 'st')
+    assert "use --stim-space bernoulli or a K-list" in str(refused.value)

@@ -156,10 +156,13 @@ class SubnetSampler:
         self.drop_prob = parsed[1] if isinstance(parsed, tuple) and parsed and parsed[0] == 'bernoulli' else None
         self.k_list = space_k_list(self.layout, space)
         if self.k_list is not None and all(k == 1 for k in self.k_list):
+            # suggest only spaces that do drop a block here (the message used to offer 'st' when 'st' had failed)
+            others = [s for s in ('st', 'st++') if s != space and any(k > 1 for k in space_k_list(layout, s) or ())]
             raise ValueError(
                 f"stim space {space!r} never drops a block on {self.layout.model_name} "
                 f"(K={','.join(map(str, self.k_list))}, "
-                f"stages {'/'.join(map(str, self.layout.stage_sizes))}); use --stim-space st, bernoulli or a K-list.")
+                f"stages {'/'.join(map(str, self.layout.stage_sizes))}); use --stim-space "
+                f"{', '.join(others + ['bernoulli'])} or a K-list.")
         self.seed = int(seed) + (7919 * int(rank) if per_rank else 0)
         self.generator = torch.Generator().manual_seed(self.seed)
         self._skippable_per_stage = [
