@@ -138,3 +138,20 @@ def test_cli_exports_the_smallest_resnet50_subnet(tmp_path, capsys):
     folder = out / 'resnet50-d1-1-1-1'
     model = timm.create_model(f'local-dir:{folder}', pretrained=True)
     assert model.layer1[0].downsample is not None and len(model.layer4) == 1
+
+
+def test_an_export_that_plain_timm_cannot_load_back_is_refused_and_leaves_nothing(tmp_path):
+    """Sequencer's checkpoint filter renames `head.` keys when `stages.0.blocks.0` is missing (it takes such weights
+    for an original checkpoint): a subnet that empties the first stage is exact in place but does not reload, so
+    the export is refused in one line and no folder is left; the same family with a block there exports."""
+    from timm_stim.model_folder import ExportReloadError
+    empty_first = timm.create_model('sequencer2d_s', layers=[0, 1, 1, 1], num_classes=4).eval()
+    with pytest.raises(ExportReloadError, match='does not load back in plain timm') as info:
+        export_timm_model(empty_first, tmp_path / 'refused', 'sequencer2d_s', model_args=dict(layers=[0, 1, 1, 1]))
+    assert '\n' not in str(info.value) and 'head.fc' in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the folder nor its temporary sibling
+    kept = timm.create_model('sequencer2d_s', layers=[1, 0, 0, 1], num_classes=4).eval()
+    folder = export_timm_model(kept, tmp_path / 'kept', 'sequencer2d_s', model_args=dict(layers=[1, 0, 0, 1]))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(timm.create_model(f'local-dir:{folder}', pretrained=True).eval()(x), kept(x))

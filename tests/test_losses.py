@@ -208,15 +208,20 @@ def test_stpp_smaller_inputs_default_by_resolution(caplog):
     assert forced.size_sampler.enabled and forced.size_sampler.sizes[0] == 13
 
 
-@pytest.mark.parametrize('flag, standardized', [(None, True), ('raw', False), ('standardized', True)])
-def test_main_logits_flag_sets_the_st_plus_plus_main_loss(flag, standardized):
-    """--stim-main-logits raw keeps ST++'s KL- subnet loss but puts the main loss on raw logits (recorded in args)."""
+@pytest.mark.parametrize('flag, epochs, standardized', [
+    (None, 200, True), (None, 199, False), (None, 10, False), ('raw', 300, False), ('standardized', 10, True)])
+def test_main_logits_flag_sets_the_st_plus_plus_main_loss(flag, epochs, standardized, caplog):
+    """--stim-main-logits raw keeps ST++'s KL- subnet loss but puts the main loss on raw logits (recorded in args);
+    unset, the schedule decides: the authors' standardised main loss from their 200 epochs up, raw below."""
     import train_stim
     from timm_stim.train_setup import create_stim_options
-    args = train_stim.parse_args(['--stim', 'st++'] + (['--stim-main-logits', flag] if flag else []))
-    config = create_stim_options(args)
+    args = train_stim.parse_args(['--stim', 'st++', '--epochs', str(epochs)]
+                                 + (['--stim-main-logits', flag] if flag else []))
+    with caplog.at_level('INFO'):
+        config = create_stim_options(args)
     assert config.loss == 'kl-' and config.standardize_main is standardized
     assert args.stim_main_logits == ('standardized' if standardized else 'raw')
+    assert ('-epoch schedule' in caplog.text) == (flag is None)  # the run says which it chose, and why
 
 
 def test_standardize_logits_runs_in_float32_for_half_precision_inputs():

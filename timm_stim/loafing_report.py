@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -227,18 +228,31 @@ def write_results(
         plot: bool = True,
         title: Optional[str] = None,
 ) -> Dict[str, Path]:
-    """Write loafing.csv (one row per model x subnet), loafing.json (results, summary, meta) and loafing.png."""
+    """Write loafing.csv (one row per model x subnet), loafing.json (results, summary, meta) and loafing.png.
+
+    Each file is written whole beside its name and swapped in (`replace_file`): a report in a folder from
+    elsewhere never writes through a planted link, and an interrupted write leaves the previous report.
+    """
+    from .run_state import replace_file
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = list(summary) if summary is not None else summarize(results)
     files = {'csv': out / 'loafing.csv', 'json': out / 'loafing.json'}
-    with files['csv'].open('w', newline='', encoding='utf-8') as f:
+
+    def write_csv(f):
         writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction='ignore')
         writer.writeheader()
         for row in results:
             writer.writerow({k: ('' if row.get(k) is None else row.get(k)) for k in RESULT_FIELDS})
+    replace_file(str(files['csv']), write_csv, newline='', encoding='utf-8')
     payload = {'meta': meta or {}, 'summary': summary, 'results': list(results)}
-    files['json'].write_text(json.dumps(_json_safe(payload), indent=2) + '\n', encoding='utf-8')
+    replace_file(str(files['json']), lambda f: f.write(json.dumps(_json_safe(payload), indent=2) + '\n'),
+                 encoding='utf-8')
     if plot:
-        files['png'] = plot_loafing(results, out / 'loafing.png', title=title)
+        tmp = out / 'loafing.tmp.png'  # matplotlib takes the format from the suffix
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        plot_loafing(results, tmp, title=title)
+        os.replace(tmp, out / 'loafing.png')
+        files['png'] = out / 'loafing.png'
     return files

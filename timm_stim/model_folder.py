@@ -14,13 +14,14 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 
+import timm
 from timm.models import is_model, save_for_hf, split_model_name_tag
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, is_export_folder
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ['CARD_NAME', 'EXPORT_FILES', 'check_export_target', 'export_timm_model']
+__all__ = ['CARD_NAME', 'EXPORT_FILES', 'ExportReloadError', 'check_export_target', 'export_timm_model']
 
 CARD_NAME = 'README.md'
 EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME)
@@ -83,6 +84,35 @@ def _drop_source_weight_fields(config_file: Path) -> None:
     config_file.write_text(json.dumps(config, indent=2), encoding='utf-8')
 
 
+class ExportReloadError(ValueError):
+    """The written folder does not rebuild the model in plain timm (a family's checkpoint filter, say)."""
+
+
+def check_reloads(folder: Path, model: torch.nn.Module, arch: str) -> None:
+    """Rebuild the model from `folder` with plain `timm.create_model('local-dir:...')` and require every tensor of its
+    state dict to equal the model's: an export is only useful if timm, without timm_stim, gets this model back.
+
+    Raises ExportReloadError (one line) otherwise. Some families' checkpoint filters rewrite keys for their
+    original checkpoints (Sequencer renames `head.` keys when `stages.0.blocks.0` is absent), so a subnet that
+    empties a stage can be exact in place and still not load.
+    """
+    try:
+        reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    except Exception as e:  # noqa: BLE001 -- any failure is the same verdict, in one line
+        reason = ' '.join(str(e).split())[:300]
+        raise ExportReloadError(f'the exported {arch} does not load back in plain timm ({type(e).__name__}: {reason}); '
+                                f'this subnet cannot be shipped as a timm model: keep a block in each stage, or '
+                                f'export another subnet.') from None
+    ours, theirs = model.state_dict(), reloaded.state_dict()
+    differ = sorted(k for k in ours.keys() | theirs.keys()
+                    if k not in ours or k not in theirs or ours[k].shape != theirs[k].shape
+                    or not torch.equal(ours[k].cpu(), theirs[k].cpu()))
+    if differ:
+        raise ExportReloadError(f'the exported {arch} loads back in plain timm with other weights ({len(differ)} '
+                                f'tensors differ, e.g. {differ[0]}); this subnet cannot be shipped as a timm model: '
+                                f'keep a block in each stage, or export another subnet.')
+
+
 def _default_data_config(model: torch.nn.Module) -> Optional[Dict[str, Any]]:
     """Preprocessing size for a model built with an explicit img_size: the size it was (most likely) trained at.
 
@@ -141,6 +171,7 @@ def export_timm_model(
             shutil.copy2(f, tmp_dir / f.name)
         if not is_export_folder(tmp_dir):
             raise RuntimeError(f'export to {tmp_dir} is incomplete')
+        check_reloads(tmp_dir, model, arch)
         _swap_into_place(tmp_dir, output_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)

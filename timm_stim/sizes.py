@@ -306,32 +306,30 @@ def _memoized_modules(model: nn.Module) -> Iterator[None]:
 class _EachSize(nn.Module):
     """Runs the model on a batch of one at each size, in the order given; {size: reason} for those that raise.
 
-    A module, so that `torch.func.functional_call` swaps the model's tensors for meta ones once for all sizes.
+    A module, so that `torch.func.functional_call` swaps the model's tensors for meta ones once per call.
     With `watch`, raises _StateChanged when any module's attributes differ after a size from after the one
-    before (the first size may fill caches keyed by device); with `stop` it stops after a failing first size.
+    before, across calls too (the very first size may fill caches keyed by device).
     """
 
     def __init__(self, model: nn.Module, in_chans: int):
         super().__init__()
         self.model, self.in_chans = model, in_chans
+        self.state: Optional[list] = None  # the attributes after the last watched size
 
     def forward(self, sizes: Sequence[int], device: torch.device, dtype: torch.dtype,
-                watch: bool = False, stop: bool = False) -> Dict[int, str]:
+                watch: bool = False) -> Dict[int, str]:
         failures: Dict[int, str] = {}
         modules = list(self.model.modules())
-        state = None
         for s in sizes:
             try:
                 self.model(torch.zeros(1, self.in_chans, s, s, device=device, dtype=dtype))
             except Exception as e:  # noqa: BLE001 -- any error means this size cannot be used
                 failures[s] = describe_error(e)
-                if stop and s == sizes[0]:
-                    break
             if watch:
                 now = _attributes(modules)
-                if state is not None and now != state:
+                if self.state is not None and now != self.state:
                     raise _StateChanged
-                state = now
+                self.state = now
         return failures
 
 
@@ -341,18 +339,29 @@ def _real_failures(model: nn.Module, sizes: Sequence[int], in_chans: int, watch:
     return _EachSize(model, in_chans)(sizes, param.device, param.dtype, watch)
 
 
-def _meta_failures(
-        model: nn.Module, sizes: Sequence[int], in_chans: int, ops: _MetaOpMemo) -> Dict[int, str]:
-    """{size: reason} from forwards on the meta device (shapes only), each operator once per signature (`ops`),
-    watched; stops if the first size fails (the model cannot run on meta tensors)."""
-    state = {f'model.{n}': t.to('meta') for n, t in itertools.chain(model.named_parameters(), model.named_buffers())}
-    args = (sizes, torch.device('meta'), next(model.parameters()).dtype, True, True)
+def _meta_failures(probe: _EachSize, state: Dict[str, torch.Tensor], sizes: Sequence[int],
+                   ops: _MetaOpMemo) -> Dict[int, str]:
+    """{size: reason} from forwards of `probe` on the meta device (shapes only) with the model's tensors swapped
+    for `state`'s meta ones, each operator once per signature (`ops`), watched. The same `state` in every call:
+    the watch sees the buffers' identities."""
+    args = (sizes, torch.device('meta'), next(probe.model.parameters()).dtype, True)
     with ops:
-        return torch.func.functional_call(_EachSize(model, in_chans), state, args)
+        return torch.func.functional_call(probe, state, args)
 
 
-# A first meta forward slower than this is timed against a real one (meta LSTMs, for one, are slow)
+def _timed(fn: Callable[..., Any], *args: Any) -> Tuple[Any, float]:
+    start = time.perf_counter()
+    return fn(*args), time.perf_counter() - start
+
+
+# A meta forward costs what its memos leave to run, a real one what the model computes; neither always wins
+# (CrossViT's meta forwards barely memoize and cost 10x its real ones at 240 px; LSTMs are slow on meta). A first
+# meta forward slower than _SLOW_META_S is timed against a real one at once; otherwise the meta cost per size is
+# taken on the next _WARM_SIZES sizes (the first filled the memos), and when the meta forwards still to run would
+# take longer than _COMPARE_ABOVE_S, one real forward is timed against them.
 _SLOW_META_S = 0.2
+_COMPARE_ABOVE_S = 1.0
+_WARM_SIZES = 8  # sizes probed on meta before their cost per size is taken
 
 
 @torch.no_grad()
@@ -364,9 +373,9 @@ def probe_input_sizes(
     parameters running once per distinct input signature and each operator once per distinct argument signature,
     so a size re-runs only what sees a new shape. A real batch-of-one forward of the smallest working size then
     checks the meta answer. If that disagrees, the model cannot run on meta tensors (the largest size fails there),
-    or a real forward of the largest size is cheaper than a meta one (e.g. LSTMs on CPU), every size gets a real
-    forward, memoized by module; if a module changes its attributes from one size to
-    the next (state the memo cannot see), every size gets a plain real forward. `exhaustive=True` is one plain real
+    or a real forward of the largest size costs less than half a meta one after the memos are warm (LSTMs,
+    CrossViT on CPU), every size gets a real forward, memoized by module; if a module changes its attributes from
+    one size to the next (state the memo cannot see), every size gets a plain real forward. `exhaustive=True` is one plain real
     forward per size: the reference the fast path is tested against.
     """
     sizes = sorted({int(s) for s in sizes})
@@ -377,24 +386,30 @@ def probe_input_sizes(
             return _real_failures(model, sizes, in_chans)
         try:
             with _memoized_modules(model):
-                ops, start = _MetaOpMemo(), time.perf_counter()
-                failures = _meta_failures(model, sizes[-1:], in_chans, ops)
-                meta_cost, real_cost, real_first = time.perf_counter() - start, 0.0, {}
-                if not failures and meta_cost > _SLOW_META_S:  # a real forward may be cheaper (small inputs, CPU)
-                    start = time.perf_counter()
-                    real_first = _real_failures(model, sizes[-1:], in_chans)
-                    real_cost = time.perf_counter() - start
-                _logger.debug("size probe: first meta %.3f s, real %.3f s", meta_cost, real_cost)
-                # meta must win clearly: its memo may not pay off (CrossViT), a real forward costs what it costs
-                use_meta = not failures and not real_first and (real_cost == 0.0 or meta_cost <= real_cost / 2)
+                ops, probe, largest_first = _MetaOpMemo(), _EachSize(model, in_chans), sizes[::-1]
+                state = {f'model.{n}': t.to('meta')
+                         for n, t in itertools.chain(model.named_parameters(), model.named_buffers())}
+                failures, meta_cost = _timed(_meta_failures, probe, state, largest_first[:1], ops)
+                use_meta, done = not failures, 1
+                if use_meta and meta_cost <= _SLOW_META_S:  # the first size filled the memos: time a few more
+                    warm, warm_cost = _timed(_meta_failures, probe, state, largest_first[1:1 + _WARM_SIZES], ops)
+                    failures.update(warm)
+                    done += min(_WARM_SIZES, len(sizes) - 1)
+                    meta_cost = warm_cost / max(1, done - 1)
+                slow = meta_cost > _SLOW_META_S if done == 1 else meta_cost * (len(sizes) - done) > _COMPARE_ABOVE_S
+                if use_meta and slow:
+                    real_first, real_cost = _timed(_real_failures, model, largest_first[:1], in_chans)
+                    # meta must win clearly: a real forward of the largest size costs the most a real one can
+                    use_meta = not real_first and meta_cost <= real_cost / 2
+                _logger.debug('size probe: meta %.4f s per size, %s', meta_cost, 'meta' if use_meta else 'real')
                 if use_meta:
-                    failures = _meta_failures(model, sizes[::-1], in_chans, ops)
+                    failures.update(_meta_failures(probe, state, largest_first[done:], ops))
             kept = [s for s in sizes if s not in failures]
             if not use_meta or _real_failures(model, kept[:1], in_chans):
                 # real is cheaper, no meta kernel, a data-dependent forward, or meta disagrees with a real forward
                 _logger.debug('size probe: real forwards (meta: %s)', failures.get(sizes[-1], 'slower or wrong'))
                 with _memoized_modules(model):
-                    failures = _real_failures(model, sizes[::-1], in_chans, watch=True)
+                    failures = _real_failures(model, largest_first, in_chans, watch=True)
         except _StateChanged:
             _logger.debug('size probe: a module keeps state between sizes; plain real forwards')
             failures = _real_failures(model, sizes, in_chans)

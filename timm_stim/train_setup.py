@@ -33,7 +33,7 @@ from .cli import UsageError, one_line, setup_step
 from .data import DIGITS_INFO, create_dataset_or_digits, fixed_subset, is_digits
 from .distill import create_distillation_loss, optimizer_module
 from .sizes import smaller_input_kwargs
-from .stimulator import Stimulator, create_stim_config
+from .stimulator import AUTHORS_EPOCHS, STIM_PRESETS, Stimulator, create_stim_config, default_standardize_main
 from .task import StimulativeTask
 
 _logger = logging.getLogger(__name__)
@@ -123,6 +123,12 @@ def create_stim_options(args):
             _logger.info('ST++ smaller subnet inputs off: --naflex-loader batches are patch sequences of varying '
                          'length already')
     main_logits = {'standardized': True, 'raw': False}.get(args.stim_main_logits)
+    if main_logits is None and (args.stim_loss or STIM_PRESETS[args.stim]['loss']) == 'kl-':
+        main_logits = default_standardize_main(args.epochs)
+        kind = "standardized (the authors')" if main_logits else 'raw'
+        _logger.info(f'ST++ main loss on {kind} logits for a {args.epochs}-epoch schedule (standardized from '
+                     f'{AUTHORS_EPOCHS} epochs up, raw below: docs/results/stpp_lowres.md; --stim-main-logits '
+                     f'picks either)')
     try:
         config = create_stim_config(
             args.stim, per_rank=args.stim_per_rank, seed=args.seed, size_fallback=args.stim_size_fallback,
