@@ -57,16 +57,19 @@ sys.path.insert(0, str(REPO))
 VARIANTS: Dict[str, Tuple[str, List[str]]] = {
     'baseline': ('baseline', ['--stim', 'none']),
     'st': ('st', ['--stim', 'st']),
-    # the authors' smaller-input range, pinned: the st++ preset turns smaller inputs off below 64 px since these runs
-    'st++': ('stpp', ['--stim', 'st++', '--stim-min-scale', '0.43']),
-    'st++ full-size': ('stpp-fullsize', ['--stim', 'st++', '--stim-min-scale', '1']),
-    'st++ min 0.75': ('stpp-min075', ['--stim', 'st++', '--stim-min-scale', '0.75']),
+    # the authors' smaller-input range and main loss, pinned: since these runs the st++ preset turns smaller inputs
+    # off below 64 px, and train_stim.py puts the main loss on raw logits on schedules under 200 epochs
+    'st++': ('stpp', ['--stim', 'st++', '--stim-min-scale', '0.43', '--stim-main-logits', 'standardized']),
+    'st++ full-size': ('stpp-fullsize', ['--stim', 'st++', '--stim-min-scale', '1', '--stim-main-logits',
+                                         'standardized']),
+    'st++ min 0.75': ('stpp-min075', ['--stim', 'st++', '--stim-min-scale', '0.75', '--stim-main-logits',
+                                      'standardized']),
     # ST++ without smaller inputs and with the main loss on raw logits (as ST and timm), KL- subnet loss kept
     'st++ raw main': ('stpp-rawmain', ['--stim', 'st++', '--stim-min-scale', '1', '--stim-main-logits', 'raw']),
     'st++ raw main 0.43': ('stpp-rawmain-043', ['--stim', 'st++', '--stim-min-scale', '0.43', '--stim-main-logits',
                                                 'raw']),
-    'st++ authors': ('stpp-authors', ['--stim', 'st++', '--stim-min-scale', '0.43', '--stim-bn', 'update',
-                                      '--stim-bn-recal', '2000']),
+    'st++ authors': ('stpp-authors', ['--stim', 'st++', '--stim-min-scale', '0.43', '--stim-main-logits',
+                                      'standardized', '--stim-bn', 'update', '--stim-bn-recal', '2000']),
 }
 _DEFAULT_VARIANTS = ('baseline', 'st', 'st++', 'st++ full-size')
 # The slowest runs first, so the two parallel workers finish together.

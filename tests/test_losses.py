@@ -224,6 +224,21 @@ def test_main_logits_flag_sets_the_st_plus_plus_main_loss(flag, epochs, standard
     assert ('-epoch schedule' in caplog.text) == (flag is None)  # the run says which it chose, and why
 
 
+def test_a_resumed_run_keeps_the_main_loss_it_was_started_with(tmp_path):
+    """A run started with standardized main logits (an older default, or a long schedule) resumes with them on a
+    short schedule too: the default is decided once, and read back from the checkpoint's args."""
+    import argparse
+    import train_stim
+    from timm_stim.train_setup import create_stim_options
+    path = tmp_path / 'last.pth.tar'
+    torch.save({'state_dict': {}, 'args': argparse.Namespace(stim_main_logits='standardized')}, path)
+    args = train_stim.parse_args(['--stim', 'st++', '--epochs', '10', '--resume', str(path)])
+    assert create_stim_options(args).standardize_main is True and args.stim_main_logits == 'standardized'
+    args = train_stim.parse_args(['--stim', 'st++', '--epochs', '10', '--resume', str(path),
+                                  '--stim-main-logits', 'raw'])  # the flag still wins
+    assert create_stim_options(args).standardize_main is False
+
+
 def test_standardize_logits_runs_in_float32_for_half_precision_inputs():
     """Nearly flat bf16 logits: the 1/std factor is computed in float32, so the result is finite and equals the
     float32 computation of the same values."""

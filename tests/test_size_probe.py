@@ -43,6 +43,18 @@ def test_fast_probe_equals_exhaustive(name, kwargs, sizes):
     assert model.training and not any('forward' in vars(m) for m in model.modules())  # the probe left no trace
 
 
+@pytest.mark.parametrize('compare_above_s', [0.0, float('inf')], ids=['timed-against-real', 'meta-throughout'])
+def test_fast_probe_in_chunks_equals_exhaustive(monkeypatch, compare_above_s):
+    """The meta probe runs in chunks (the first size, a few more to take the cost per size, the rest) and may hand
+    over to real forwards when those are cheaper: whichever way it goes, the answer is the exhaustive one."""
+    import timm_stim.sizes as sizes_module
+    monkeypatch.setattr(sizes_module, '_WARM_SIZES', 3)
+    monkeypatch.setattr(sizes_module, '_COMPARE_ABOVE_S', compare_above_s)
+    model = _create('dla34')
+    sizes = range(32, 65)
+    assert sorted(probe_input_sizes(model, sizes)) == sorted(probe_input_sizes(model, sizes, exhaustive=True))
+
+
 class _SizeNote(nn.Module):
     """Notes the input height in a dict that a later module reads: state a memo of module calls cannot see."""
 

@@ -28,7 +28,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import NativeScaler, init_distributed_device, set_jit_fuser
 
 from .checkpoint import (check_model_name, clean_state_dict, first_non_finite, load_state_dict_strict, read_checkpoint,
-                         select_state_dict)
+                         read_checkpoint_metadata, select_state_dict)
 from .cli import UsageError, one_line, setup_step
 from .data import DIGITS_INFO, create_dataset_or_digits, fixed_subset, is_digits
 from .distill import create_distillation_loss, optimizer_module
@@ -124,11 +124,17 @@ def create_stim_options(args):
                          'length already')
     main_logits = {'standardized': True, 'raw': False}.get(args.stim_main_logits)
     if main_logits is None and (args.stim_loss or STIM_PRESETS[args.stim]['loss']) == 'kl-':
-        main_logits = default_standardize_main(args.epochs)
-        kind = "standardized (the authors')" if main_logits else 'raw'
-        _logger.info(f'ST++ main loss on {kind} logits for a {args.epochs}-epoch schedule (standardized from '
-                     f'{AUTHORS_EPOCHS} epochs up, raw below: docs/results/stpp_lowres.md; --stim-main-logits '
-                     f'picks either)')
+        resumed = getattr((read_checkpoint_metadata(args.resume) or {}).get('args'), 'stim_main_logits', None) \
+            if args.resume else None
+        if resumed in ('standardized', 'raw'):  # a resumed run keeps its loss, whatever today's default
+            main_logits = resumed == 'standardized'
+            _logger.info(f'ST++ main loss on {resumed} logits, as in the run resumed')
+        else:
+            main_logits = default_standardize_main(args.epochs)
+            kind = "standardized (the authors')" if main_logits else 'raw'
+            _logger.info(f'ST++ main loss on {kind} logits for a {args.epochs}-epoch schedule (standardized from '
+                         f'{AUTHORS_EPOCHS} epochs up, raw below: docs/results/stpp_lowres.md; --stim-main-logits '
+                         f'picks either)')
     try:
         config = create_stim_config(
             args.stim, per_rank=args.stim_per_rank, seed=args.seed, size_fallback=args.stim_size_fallback,
