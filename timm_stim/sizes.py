@@ -375,8 +375,8 @@ def probe_input_sizes(
     checks the meta answer. If that disagrees, the model cannot run on meta tensors (the largest size fails there),
     or a real forward of the largest size costs less than half a meta one after the memos are warm (LSTMs,
     CrossViT on CPU), every size gets a real forward, memoized by module; if a module changes its attributes from
-    one size to the next (state the memo cannot see), every size gets a plain real forward. `exhaustive=True` is one plain real
-    forward per size: the reference the fast path is tested against.
+    one size to the next (state the memo cannot see), every size gets a plain real forward. `exhaustive=True` is
+    one plain real forward per size: the reference the fast path is tested against.
     """
     sizes = sorted({int(s) for s in sizes})
     was_training = model.training

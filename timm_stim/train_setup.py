@@ -9,7 +9,7 @@ import logging
 import os
 import random
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Callable, Iterator, Optional, Tuple
 
@@ -33,7 +33,7 @@ from .cli import UsageError, one_line, setup_step
 from .data import DIGITS_INFO, create_dataset_or_digits, fixed_subset, is_digits
 from .distill import create_distillation_loss, optimizer_module
 from .sizes import smaller_input_kwargs
-from .stimulator import AUTHORS_EPOCHS, STIM_PRESETS, Stimulator, create_stim_config, default_standardize_main
+from .stimulator import AUTHORS_EPOCHS, Stimulator, create_stim_config, default_standardize_main
 from .task import StimulativeTask
 
 _logger = logging.getLogger(__name__)
@@ -107,6 +107,22 @@ def apply_digits_defaults(args, recipe: str) -> None:
 
 # ------------------------------------------------------------------------------------------ model, stimulator
 
+def _default_main_logits(args) -> bool:
+    """Whether ST++'s main loss sees standardized logits when --stim-main-logits is unset: as in the run resumed,
+    whatever today's default; else by the schedule's length (`default_standardize_main`). Logged."""
+    resumed = getattr((read_checkpoint_metadata(args.resume) or {}).get('args'), 'stim_main_logits', None) \
+        if args.resume else None
+    if resumed in ('standardized', 'raw'):
+        _logger.info(f'ST++ main loss on {resumed} logits, as in the run resumed')
+        return resumed == 'standardized'
+    standardized = default_standardize_main(args.epochs)
+    kind = "standardized (the authors')" if standardized else 'raw'
+    _logger.info(f'ST++ main loss on {kind} logits for a {args.epochs}-epoch schedule (standardized from '
+                 f'{AUTHORS_EPOCHS} epochs up, raw below: docs/results/stpp_lowres.md; --stim-main-logits '
+                 f'picks either)')
+    return standardized
+
+
 def create_stim_options(args):
     """StimConfig from --stim and the --stim-* overrides, or None for --stim none.
 
@@ -123,18 +139,6 @@ def create_stim_options(args):
             _logger.info('ST++ smaller subnet inputs off: --naflex-loader batches are patch sequences of varying '
                          'length already')
     main_logits = {'standardized': True, 'raw': False}.get(args.stim_main_logits)
-    if main_logits is None and (args.stim_loss or STIM_PRESETS[args.stim]['loss']) == 'kl-':
-        resumed = getattr((read_checkpoint_metadata(args.resume) or {}).get('args'), 'stim_main_logits', None) \
-            if args.resume else None
-        if resumed in ('standardized', 'raw'):  # a resumed run keeps its loss, whatever today's default
-            main_logits = resumed == 'standardized'
-            _logger.info(f'ST++ main loss on {resumed} logits, as in the run resumed')
-        else:
-            main_logits = default_standardize_main(args.epochs)
-            kind = "standardized (the authors')" if main_logits else 'raw'
-            _logger.info(f'ST++ main loss on {kind} logits for a {args.epochs}-epoch schedule (standardized from '
-                         f'{AUTHORS_EPOCHS} epochs up, raw below: docs/results/stpp_lowres.md; --stim-main-logits '
-                         f'picks either)')
     try:
         config = create_stim_config(
             args.stim, per_rank=args.stim_per_rank, seed=args.seed, size_fallback=args.stim_size_fallback,
@@ -142,6 +146,8 @@ def create_stim_options(args):
             **{field: getattr(args, flag) for field, flag in flags.items()})
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if main_logits is None and config.loss == 'kl-':  # left open: the schedule (or the run resumed) decides
+        config = replace(config, standardize_main=_default_main_logits(args))
     for field, flag in flags.items():
         setattr(args, flag, getattr(config, field) if field != 'sizes' else args.stim_sizes)
     args.stim_main_logits = 'standardized' if config.standardize_main else 'raw'
